@@ -1,0 +1,53 @@
+"""Codecs turn the kept keys or values of one layer into named tensors, and back.
+
+A codec's ``encode`` takes ``[tokens, head_dim]`` (all KV heads of a layer, grouped by
+head) and returns ``{role: tensor}``; ``decode`` inverts it. The pack records the codec's
+name and ``params()`` per layer and part (docs/kvpack-format.md, section 3), so
+quantised codecs fit in without a format change. New codecs are new files that call
+:func:`register`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import OptionError, PackError
+
+
+class Codec:
+    name: str = ""
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``x [tokens, head_dim]`` -> named tensors to store."""
+        raise NotImplementedError
+
+    def decode(self, tensors: dict[str, torch.Tensor], tokens: int, head_dim: int) -> torch.Tensor:
+        """Stored tensors -> ``[tokens, head_dim]``; raises PackError on a shape mismatch."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return {}
+
+
+CODECS: dict[str, Codec] = {}
+
+
+def register(codec: Codec) -> Codec:
+    CODECS[codec.name] = codec
+    return codec
+
+
+def get_codec(name: str) -> Codec:
+    if name not in CODECS:
+        raise OptionError(f"unknown codec {name!r}: choose one of {', '.join(sorted(CODECS))}")
+    return CODECS[name]
+
+
+def codec_for_pack(name: str) -> Codec:
+    """The codec a pack names; an unknown one is a pack error, not an option error."""
+    if name not in CODECS:
+        raise PackError(f"pack uses codec {name!r}, which this kvcompile does not know: upgrade kvcompile")
+    return CODECS[name]
+
+
+from . import plain  # noqa: E402,F401  (registration)

@@ -1,0 +1,74 @@
+"""Rotary position embeddings, applied and undone outside the model.
+
+Packs store keys *before* RoPE together with each kept token's position (principle 5 of
+the architecture), so keys can be placed at any position at load time. These helpers
+follow the ``rotate_half`` convention of Llama, Qwen, Mistral and Gemma; ``cos``/``sin``
+come from the model's own rotary module so scaling variants (linear, YaRN, llama3) are
+honoured.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., tokens, head_dim]`` by the angles whose cos/sin are given.
+
+    ``cos``/``sin`` broadcast against ``x``; when they cover fewer channels than
+    ``head_dim`` (partial rotary), only the leading channels are rotated.
+    """
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot, rest = x[..., :d], x[..., d:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`apply_rope`: a rotation by the negated angles."""
+    return apply_rope(x, cos, -sin)
+
+
+class Rotary:
+    """cos/sin for arbitrary positions from a model's rotary module.
+
+    ``model.model.rotary_emb`` is where every RoPE model in transformers keeps it; a
+    model without one gets ``None`` from :func:`Rotary.of` and keys are stored as is.
+    """
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        self.module = module
+        self.dtype = dtype
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "Rotary | None":
+        base = getattr(model, "model", model)
+        module = getattr(base, "rotary_emb", None)
+        if module is None:
+            return None
+        return cls(module, next(model.parameters()).dtype)
+
+    @torch.no_grad()
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[tokens, rotary_dim]`` for 1-D integer ``positions``."""
+        probe = torch.empty(0, dtype=self.dtype, device=positions.device)
+        cos, sin = self.module(probe, positions.long().unsqueeze(0))
+        return cos[0], sin[0]
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [tokens, head_dim]`` to ``positions [tokens]``."""
+        cos, sin = self.cos_sin(positions.to(x.device))
+        return apply_rope(x, cos.to(x.dtype), sin.to(x.dtype))
+
+    def undo(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Undo the rotation of ``x [tokens, head_dim]`` at ``positions [tokens]``."""
+        cos, sin = self.cos_sin(positions.to(x.device))
+        # Some rope types (YaRN, longrope) scale cos and sin by s; the inverse of s*R is R^T / s.
+        s2 = float(getattr(self.module, "attention_scaling", 1.0)) ** 2
+        return undo_rope(x, cos.to(x.dtype) / s2, sin.to(x.dtype) / s2)

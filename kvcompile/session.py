@@ -1,0 +1,149 @@
+"""Answering questions from a pack: a model and a pack's KV, loaded once.
+
+Every question gets its own :class:`~kvcompile.cache.PackCache` over the shared,
+read-only prefix, so questions never affect each other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .attention import use_pack_attention
+from .errors import QuestionError
+from .models import LoadedModel, load_model
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds; tokens_per_s
+
+
+class Session:
+    """Ask questions of a pack. ``model`` is a LoadedModel, a model name, or None for the pack's."""
+
+    def __init__(self, pack, model: LoadedModel | str | None = None):
+        t0 = time.perf_counter()
+        self.pack = pack
+        self.lm = model if isinstance(model, LoadedModel) else load_model(model or pack.model["name"], progress=False)
+        pack.check_model(self.lm)
+        use_pack_attention(self.lm.model)
+        self.prefixes, self.start = pack.prefixes(self.lm)
+        self.framing = pack.framing
+        self.load_seconds = time.perf_counter() - t0
+
+    def question_ids(self, question: str, reserve: int = 0) -> list[int]:
+        """Token ids of ``question``; refuses an empty one or one that does not fit."""
+        if not question or not question.strip():
+            raise QuestionError("the question is empty: ask something")
+        ids = self.framing.question_ids(self.lm.tokenizer, question)
+        room = self.lm.max_positions - self.start
+        if len(ids) + reserve > room:
+            raise QuestionError(
+                f"the question is {len(ids)} tokens, but only {room} positions are left after the corpus "
+                f"in {self.lm.name}'s window of {self.lm.max_positions}"
+                + (f" (with {reserve} reserved for the answer)" if reserve else "") + ": shorten it"
+            )
+        return ids
+
+    def cache(self):
+        return self.pack.cache(self.lm, self.prefixes)
+
+    @torch.no_grad()
+    def stream(self, question: str, max_new_tokens: int = 128, timings: dict | None = None) -> Iterator[str]:
+        """Greedy-decode an answer, yielding text as it is produced.
+
+        If ``timings`` is a dict it is filled with ``ttft`` (seconds to the first token),
+        ``decode`` (seconds after it), ``tokens`` and ``tokens_per_s``.
+        """
+        ids = self.question_ids(question, reserve=1)
+        max_new_tokens = max(1, min(max_new_tokens, self.lm.max_positions - self.start - len(ids)))
+        tok, model = self.lm.tokenizer, self.lm.model
+        eos = set(_eos_ids(self.lm))
+        cache = self.cache()
+        t0 = time.perf_counter()
+        x = torch.tensor([ids], device=self.lm.device)
+        out: list[int] = []
+        shown = ""
+        t_first = None
+        for _ in range(max_new_tokens):
+            logits = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            nxt = int(logits.argmax())
+            if t_first is None:
+                t_first = time.perf_counter()
+            if nxt in eos:
+                break
+            out.append(nxt)
+            text = tok.decode(out, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # hold back half a multi-byte character
+                yield text[len(shown):]
+                shown = text
+            x = torch.tensor([[nxt]], device=self.lm.device)
+        t_end = time.perf_counter()
+        text = tok.decode(out, skip_special_tokens=True)
+        if text != shown:
+            yield text[len(shown):]
+        if timings is not None:
+            t_first = t_first or t_end
+            timings.update(ttft=t_first - t0, decode=t_end - t_first, tokens=len(out),
+                           tokens_per_s=(len(out) - 1) / (t_end - t_first) if len(out) > 1 and t_end > t_first else 0.0)
+
+    def ask(self, question: str, max_new_tokens: int = 128) -> Answer:
+        """The whole answer to ``question`` (greedy), with timings."""
+        timings: dict = {}
+        text = "".join(self.stream(question, max_new_tokens, timings))
+        return Answer(text.strip(), int(timings.get("tokens", 0)), timings)
+
+    @torch.no_grad()
+    def first_token_logits(self, question: str) -> torch.Tensor:
+        """Logits ``[vocab]`` of the first answer token (float32)."""
+        ids = self.question_ids(question)
+        x = torch.tensor([ids], device=self.lm.device)
+        return self.lm.model(x, past_key_values=self.cache(), use_cache=True, logits_to_keep=1).logits[0, -1].float()
+
+    @torch.no_grad()
+    def answer_nll(self, question: str, answer: str) -> float:
+        """Mean negative log-likelihood per token of ``answer`` given the pack and ``question``."""
+        q = self.question_ids(question)
+        a = answer_ids(self.lm, answer)
+        x = torch.tensor([q + a], device=self.lm.device)
+        logits = self.lm.model(x, past_key_values=self.cache(), use_cache=True, logits_to_keep=len(a) + 1).logits
+        return _nll(logits[0, :-1], a)
+
+
+def answer_ids(lm: LoadedModel, answer: str) -> list[int]:
+    return lm.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
+
+
+def _nll(logits: torch.Tensor, target: list[int]) -> float:
+    """Mean NLL of ``target`` under ``logits [len(target), vocab]``."""
+    t = torch.tensor(target, device=logits.device)
+    return float(torch.nn.functional.cross_entropy(logits.float(), t))
+
+
+@torch.no_grad()
+def context_answer_nll(lm: LoadedModel, context_ids: list[int], question_ids: list[int], answer: str) -> float:
+    """Mean NLL of ``answer`` after ``context_ids + question_ids`` in one ordinary forward pass.
+
+    The reference for a pack: the full corpus (``prefix_ids + corpus``), or none
+    (``prefix_ids`` alone).
+    """
+    a = answer_ids(lm, answer)
+    x = torch.tensor([context_ids + question_ids + a], device=lm.device)
+    logits = lm.model(x, use_cache=False, logits_to_keep=len(a) + 1).logits
+    return _nll(logits[0, :-1], a)
+
+
+def _eos_ids(lm: LoadedModel) -> list[int]:
+    ids = []
+    for source in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.append(source)
+        elif source:
+            ids.extend(source)
+    return ids
