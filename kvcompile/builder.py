@@ -25,7 +25,7 @@ from .framing import Framing, document_text, frame
 from .models import LoadedModel
 from .recipe import Recipe
 from .rope import Rotary
-from .scorers import LayerView, make_scorer
+from .scorers import LayerView, Scorer, make_scorer
 from .selection import layer_budget, select
 
 
@@ -56,8 +56,17 @@ class BuildOptions:
         if not 0 <= self.head_floor <= 1:
             raise OptionError(f"head floor must be in [0, 1], got {self.head_floor}")
 
+    def make_scorer(self) -> Scorer:
+        if self.scorer == "stride" and self.ratio is None:
+            raise OptionError("the stride scorer keeps a share of the tokens: give --ratio, not --budget")
+        params = {"ratio": self.ratio} if self.scorer == "stride" else {}
+        return make_scorer(self.scorer, **{**params, **self.scorer_params})
+
     def to_json(self) -> dict:
-        return asdict(self)
+        """Every option, with the scorer's resolved parameters (defaults included)."""
+        d = asdict(self)
+        d["scorer_params"] = self.make_scorer().params()
+        return d
 
 
 @dataclass
@@ -137,8 +146,7 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progre
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rotary = Rotary.of(model)
     device, dtype = lm.device, lm.dtype
-    params = {"ratio": options.ratio or 0.25} if options.scorer == "stride" else {}
-    scorer = make_scorer(options.scorer, **{**params, **options.scorer_params})
+    scorer = options.make_scorer()
     stream = torch.tensor(tk.stream(), dtype=torch.long, device=device)
     probe = torch.tensor(tk.probe_ids, dtype=torch.long, device=device)
     total, target = stream.numel(), target_tokens(options, stream.numel())

@@ -16,6 +16,7 @@ from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import KvcompileError, OptionError
@@ -38,13 +39,17 @@ def _errors(debug: bool) -> Iterator[None]:
     except KvcompileError as e:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         if debug:
             raise
         err.print("[bold red]interrupted[/]: nothing was written")
         raise typer.Exit(130)
+
+
+def _error(message: str) -> None:
+    err.print("[bold red]error:[/] " + escape(message), soft_wrap=True)
 
 
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks on errors.")
@@ -96,17 +101,16 @@ def build(
         )
         options.validate()
         from .codecs import get_codec
-        from .scorers import make_scorer
 
-        get_codec(options.codec), make_scorer(options.scorer)  # fail on bad names before loading anything
+        get_codec(options.codec), options.make_scorer()  # fail on bad names before loading a model
         lm = load_model(model, device=device, progress=not quiet)
         with _progress(quiet) as progress:
             report = run_build(corpus, output, lm, recipe, options, text_field=text_field, progress=progress)
         for s in report.skipped:
-            err.print(f"[yellow]skipped[/] {s.path}: {s.reason}", soft_wrap=True)
+            err.print(f"[yellow]skipped[/] {escape(s.path)}: {escape(s.reason)}", soft_wrap=True)
         kept = report.kept_tokens / report.full_tokens
         err.print(
-            f"[green]wrote[/] {report.output}: {report.documents} documents, {report.cache_tokens} tokens, "
+            f"[green]wrote[/] {escape(report.output)}: {report.documents} documents, {report.cache_tokens} tokens, "
             f"kept {kept:.1%} ({_mib(report.bytes)}) in {report.seconds['total']:.1f} s",
             soft_wrap=True,
         )
@@ -146,7 +150,7 @@ def query(
             try:
                 _answer(session, q, max_new_tokens, as_json, load_s)
             except KvcompileError as e:  # a bad question does not end the session
-                err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+                _error(str(e))
 
 
 def _answer(session, question: str, max_new_tokens: int, as_json: bool, load_s: float) -> None:

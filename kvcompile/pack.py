@@ -23,7 +23,7 @@ from .cache import PackCache, Prefix
 from .codecs import codec_for_pack, get_codec
 from .container import Container, tensor_bytes, write_container
 from .corpus import Document
-from .errors import ModelMismatchError, PackError
+from .errors import ModelMismatchError, OptionError, PackError
 from .framing import Framing
 from .models import LoadedModel, load_model
 from .recipe import Recipe
@@ -40,7 +40,15 @@ def _zstd(data: bytes) -> torch.Tensor:
 
 
 def _unzstd(data: bytes, size: int, what: str, path: str) -> bytes:
+    """Decompress one zstd frame that must hold exactly ``size`` bytes.
+
+    The frame's declared size is checked first: python-zstandard trusts it over
+    ``max_output_size``, so a hostile frame could otherwise make us allocate anything.
+    """
     try:
+        declared = zstandard.frame_content_size(data)
+        if declared != size:
+            raise PackError(f"{path}: corrupt pack ({what} declares {declared} bytes, expected {size}): rebuild it")
         out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
     except zstandard.ZstdError:
         raise PackError(f"{path}: corrupt pack ({what} does not decompress): rebuild it") from None
@@ -135,7 +143,7 @@ def pack_tensors_and_header(
                    "probes": list(recipe.probes)},
         "options": {
             "ratio": options.ratio, "budget": options.budget, "chunk_size": options.chunk_size, "sinks": options.sinks,
-            "scorer": {"name": options.scorer}, "selection": {"head_floor": options.head_floor},
+            "scorer": {"name": options.scorer, **options.make_scorer().params()}, "selection": {"head_floor": options.head_floor},
             "codec": {"name": codec.name, **codec.params()},
         },
         "framing": tk.framing.to_json(),
@@ -152,22 +160,39 @@ def pack_tensors_and_header(
     return tensors, header
 
 
+def check_output(path: str | os.PathLike) -> None:
+    """Refuse an output path that cannot become a pack, before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise OptionError(f"output {path} is a directory: give a file name such as {path / 'corpus.kvpack'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise OptionError(f"cannot write {path}: its directory is not writable")
+
+
 def write_pack(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict) -> int:
     """Write atomically: a temporary file in the target directory, fsync, rename.
 
     An interrupted or failing write leaves whatever was at ``path`` untouched.
     """
     path = Path(path)
+    check_output(path)
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     metadata = {"kvpack": text, "kvpack_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OptionError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             size = write_container(f, tensors, metadata)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OptionError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -195,9 +220,11 @@ class Pack:
             raise PackError(f"{self.path}: corrupt pack (header checksum mismatch): rebuild it")
         try:
             h = json.loads(text)
-            major, minor = (int(v) for v in h["version"])
+            major, minor = h["version"]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise PackError(f"{self.path}: corrupt pack (header is not a kvpack header): rebuild it") from None
+        if not all(type(v) is int and v >= 0 for v in (major, minor)):
+            raise PackError(f"{self.path}: corrupt pack (format version {h['version']!r} is malformed): rebuild it")
         if h.get("format") != "kvpack":
             raise PackError(f"{self.path}: not a kvpack (format {h.get('format')!r})")
         if major > FORMAT_VERSION[0]:
@@ -207,7 +234,7 @@ class Pack:
         self._tensors: dict[str, torch.Tensor] = {}
         try:
             self._check_structure()
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PackError(f"{self.path}: corrupt pack (header field {e} is missing or malformed): rebuild it") from None
         if verify:
             for name in c.entries:
@@ -245,18 +272,34 @@ class Pack:
         if len(cache["layers"]) != layers:
             raise PackError(f"{self.path}: corrupt pack (expected {layers} layer entries)")
         checksums = self.header["checksums"]
-        for name in self.container.entries:
-            if name not in checksums:
-                raise PackError(f"{self.path}: corrupt pack (tensor {name!r} has no checksum)")
-        for entry in cache["layers"]:
+        if not isinstance(checksums, dict):
+            raise PackError(f"{self.path}: corrupt pack (checksums are not a map)")
+        known = {cache["positions"], self.header["corpus"]["manifest"]}
+        for li, entry in enumerate(cache["layers"]):
             for part in ("keys", "values"):
-                codec_for_pack(entry[part]["codec"])
-                for name in entry[part]["tensors"].values():
+                codec = codec_for_pack(entry[part]["codec"])
+                names = entry[part]["tensors"]
+                expected = codec.layout(sum(kept[li]), head_dim)
+                if set(names) != set(expected):
+                    raise PackError(f"{self.path}: corrupt pack (layer {li} {part} should have tensors "
+                                    f"{sorted(expected)}, has {sorted(names)})")
+                for role, name in names.items():
                     if name not in self.container:
                         raise PackError(f"{self.path}: corrupt pack (tensor {name!r} is missing)")
+                    dtype, shape, _, _ = self.container.entries[name]
+                    if (dtype, shape) != expected[role]:
+                        raise PackError(f"{self.path}: corrupt pack (tensor {name!r} is {dtype} {list(shape)}, "
+                                        f"expected {expected[role][0]} {list(expected[role][1])})")
+                    known.add(name)
+        for name in self.container.entries:
+            if name not in known:
+                raise PackError(f"{self.path}: pack holds tensor {name!r}, which this kvcompile does not know: "
+                                "upgrade kvcompile")
+            if name not in checksums:
+                raise PackError(f"{self.path}: corrupt pack (tensor {name!r} has no checksum)")
         for name in (cache["positions"], self.header["corpus"]["manifest"]):
-            if name not in self.container:
-                raise PackError(f"{self.path}: corrupt pack (tensor {name!r} is missing)")
+            if name not in self.container or self.container.entries[name][0] != "U8":
+                raise PackError(f"{self.path}: corrupt pack (tensor {name!r} is missing or not bytes)")
         self.head_dim = head_dim
 
     def _tensor(self, name: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from .builder import BuildOptions, check_fits, compile_corpus, tokenize
 from .corpus import Skipped, read_corpus
 from .models import LoadedModel
-from .pack import pack_tensors_and_header, write_pack
+from .pack import check_output, pack_tensors_and_header, write_pack
 from .recipe import Recipe
 
 
@@ -41,6 +41,7 @@ def build(
     ``progress(stage, done, total)`` is called during prefill (tokens) and writing.
     """
     options.validate()
+    check_output(output)
     t0 = time.perf_counter()
     documents, skipped = read_corpus(paths, text_field=text_field)
     tk = tokenize(documents, recipe, lm)

@@ -43,11 +43,12 @@ def select(
     taken = sum(k.numel() for k in keep)
     rest = budget - taken
     if rest > 0:
-        mask = [torch.ones(n, dtype=torch.bool) for n in sizes]
+        device = scores[0].device
+        mask = [torch.ones(n, dtype=torch.bool, device=device) for n in sizes]
         for m, k in zip(mask, keep):
             m[k] = False
         pool_score = torch.cat([s.float()[m] for s, m in zip(scores, mask)])
-        pool_head = torch.cat([torch.full((int(m.sum()),), h) for h, m in enumerate(mask)])
+        pool_head = torch.cat([torch.full((int(m.sum()),), h, device=device) for h, m in enumerate(mask)])
         pool_index = torch.cat([torch.nonzero(m).flatten() for m in mask])
         best = torch.sort(pool_score, descending=True, stable=True).indices[:rest]
         for h in range(heads):

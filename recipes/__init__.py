@@ -1,0 +1,1 @@
+"""Task recipes (TOML), shipped as package data; read them with ``kvcompile.recipe``."""

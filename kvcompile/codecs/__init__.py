@@ -25,6 +25,13 @@ class Codec:
         """Stored tensors -> ``[tokens, head_dim]``; raises PackError on a shape mismatch."""
         raise NotImplementedError
 
+    def layout(self, tokens: int, head_dim: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The tensors a part of ``tokens`` rows should have: ``{role: (dtype name, shape)}``.
+
+        Readers check a pack against this before reading any tensor.
+        """
+        raise NotImplementedError
+
     def params(self) -> dict:
         return {}
 

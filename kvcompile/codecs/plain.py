@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..container import NAMES
 from ..errors import PackError
 from . import Codec, register
 
@@ -14,6 +15,9 @@ class FloatCodec(Codec):
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"data": x.to(self.dtype).cpu().contiguous()}
+
+    def layout(self, tokens: int, head_dim: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {"data": (NAMES[self.dtype], (tokens, head_dim))}
 
     def decode(self, tensors: dict[str, torch.Tensor], tokens: int, head_dim: int) -> torch.Tensor:
         data = tensors.get("data")
