@@ -94,7 +94,7 @@ def build(
         options = BuildOptions(
             ratio=ratio if ratio is not None else (None if budget is not None else defaults.get("ratio", 0.25)),
             budget=budget if budget is not None else (defaults.get("budget") if ratio is None else None),
-            chunk_size=chunk_size or defaults.get("chunk_size", 2048),
+            chunk_size=chunk_size if chunk_size is not None else defaults.get("chunk_size", 2048),
             sinks=sinks if sinks is not None else defaults.get("sinks", 4),
             scorer=scorer,
             codec=dtype,

@@ -182,6 +182,9 @@ def write_pack(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
     except OSError as e:
         raise OptionError(f"cannot write {path}: {e.strerror or e}") from None
     try:
@@ -266,6 +269,12 @@ class Pack:
         m, cache = self.model, self.layout
         layers, heads, head_dim = int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"])
         kept = cache["kept"]
+        for where, value in (("cache.tokens", cache["tokens"]), ("cache.question_position", cache["question_position"]),
+                             ("corpus.manifest_size", self.header["corpus"]["manifest_size"])):
+            if type(value) is not int or value < 0:
+                raise PackError(f"{self.path}: corrupt pack ({where} is not a count): rebuild it")
+        if cache["question_position"] > int(m["max_positions"]):
+            raise PackError(f"{self.path}: corrupt pack (question position beyond the model's window): rebuild it")
         if (len(kept) != layers or any(len(k) != heads for k in kept)
                 or any(not isinstance(n, int) or n < 0 or n > cache["tokens"] for k in kept for n in k)):
             raise PackError(f"{self.path}: corrupt pack (kept counts do not match {layers} layers x {heads} heads)")
@@ -327,7 +336,7 @@ class Pack:
         """The corpus manifest: one ``{"path", "sha256", "tokens", "segment"}`` per document."""
         c = self.header["corpus"]
         raw = self._tensor(c["manifest"]).numpy().tobytes()
-        data = _unzstd(raw, int(c["manifest_size"]), "manifest", self.path)
+        data = _unzstd(raw, c["manifest_size"], "manifest", self.path)
         if hashlib.sha256(data).hexdigest() != c["manifest_sha256"]:
             raise PackError(f"{self.path}: corrupt pack (manifest checksum mismatch): rebuild it")
         return json.loads(data)
@@ -357,7 +366,7 @@ class Pack:
                 ks.append(rotary.apply(k, p.to(lm.device)) if rotary is not None else k)
                 vs.append(v.to(lm.device, lm.dtype))
             prefixes.append(Prefix(ks, vs))
-        return prefixes, int(self.layout["question_position"])
+        return prefixes, self.layout["question_position"]
 
     def cache(self, model: LoadedModel | str | None = None, prefixes: list[Prefix] | None = None) -> PackCache:
         """A fresh transformers ``Cache`` over this pack, for one question.
@@ -370,7 +379,7 @@ class Pack:
         if prefixes is None:
             lm = model if isinstance(model, LoadedModel) else load_model(model or self.model["name"], progress=False)
             prefixes, _ = self.prefixes(lm)
-        return PackCache(prefixes, int(self.layout["question_position"]))
+        return PackCache(prefixes, self.layout["question_position"])
 
     def session(self, model: LoadedModel | str | None = None):
         """A :class:`~kvcompile.session.Session` answering questions from this pack."""

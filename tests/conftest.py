@@ -62,7 +62,7 @@ def tiny_lm(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
-    """A folder of five short .txt documents (about 850 cache tokens with the framing)."""
+    """A folder of five short .txt documents (about 580 cache tokens with the framing)."""
     root = tmp_path_factory.mktemp("corpus")
     for name, text in TINY_CORPUS.items():
         (root / name).write_text((text + " ") * 3, encoding="utf-8")
@@ -72,11 +72,11 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pack(tiny_lm, tiny_corpus, tmp_path_factory) -> Path:
     """A pack of ``tiny_corpus`` built once with the tiny model (ratio 0.5, chunks of 64). Do not modify it."""
+    import torch
+
     from kvcompile.builder import BuildOptions
     from kvcompile.pipeline import build
     from kvcompile.recipe import load_recipe
-
-    import torch
 
     path = tmp_path_factory.mktemp("pack") / "tiny.kvpack"
     threads = torch.get_num_threads()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -268,7 +269,7 @@ def test_layer_budget_grows_with_the_corpus_seen():
     budgets = [layer_budget(target, seen, total, heads) for seen in range(0, total + 1, 64)] + \
         [layer_budget(target, total, total, heads)]
     assert budgets[0] == 0
-    assert all(a <= b for a, b in zip(budgets, budgets[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(budgets))
     assert budgets[-1] == heads * target
     assert all(b % heads == 0 for b in budgets)
     assert layer_budget(target, 64, total, heads) == heads * math.ceil(target * 64 / total) == 14

@@ -19,6 +19,7 @@ import kvcompile
 import kvcompile.pack
 import kvcompile.pipeline
 from kvcompile.builder import BuildOptions
+from kvcompile.errors import KvcompileError
 from kvcompile.models import load_model
 from kvcompile.pipeline import build
 from kvcompile.recipe import load_recipe
@@ -114,7 +115,9 @@ def test_failure_midway_through_writing_leaves_the_old_pack(existing, tiny_corpu
         raise error
 
     monkeypatch.setattr(kvcompile.pack, "write_container", half_then_fail)
-    with pytest.raises(type(error)):
+    # A failed write may be reported as the OSError itself or as a one-line KvcompileError.
+    expected = (OSError, KvcompileError) if isinstance(error, OSError) else KeyboardInterrupt
+    with pytest.raises(expected):
         build([tiny_corpus], existing, tiny_lm, qa, BuildOptions(ratio=0.25, chunk_size=2048))
     # The half-written file was a temporary one next to the pack, and it is gone.
     assert len(seen["temp"]) == 1
@@ -138,8 +141,6 @@ def test_build_creates_missing_output_directories(tiny_corpus, tiny_lm, qa, tmp_
     assert kvcompile.load(out).kept
 
 
-@pytest.mark.xfail(strict=True, reason="pack.write_pack writes through tempfile.mkstemp, which creates the "
-                   "file with mode 0600, and os.replace keeps it: packs are unreadable by other users")
 def test_written_pack_has_the_usual_file_mode(tiny_corpus, tiny_lm, qa, tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)

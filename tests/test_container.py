@@ -114,7 +114,7 @@ def test_container_matches_safetensors_offsets(tiny_pack, pack_bytes):
     (n,) = struct.unpack("<Q", pack_bytes[:8])
     assert c.data_start == 8 + n and c.size == len(pack_bytes)
     with safetensors.safe_open(str(tiny_pack), "pt") as f:
-        for name in f.keys():
+        for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
             assert c.to_tensor(name, c.raw(name)).equal(f.get_tensor(name))
 
 
