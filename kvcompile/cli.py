@@ -40,12 +40,12 @@ def _errors(debug: bool) -> Iterator[None]:
         if debug:
             raise
         _error(str(e))
-        raise typer.Exit(e.exit_code)
+        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         if debug:
             raise
         err.print("[bold red]interrupted[/]: nothing was written")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 def _error(message: str) -> None:
@@ -211,6 +211,8 @@ def inspect(
         parts = ", ".join(f"{k} {_mib(sizes[k])}" for k in ("keys", "values", "positions", "manifest", "header") if sizes[k])
         out.print(f"tokens    kept {share:.1%} of {full} per layer and head")
         out.print(f"bytes     {_mib(sizes['file'])} ({parts})")
+        out.print(f"positions zstd of deltas: {sizes['positions'] / max(1, sum(map(sum, kept))):.2f} bytes per kept "
+                  f"token (int32: 4)")
         out.print(f"vs full   fp16 full cache {_mib(sizes['full_fp16'])}: pack is {sizes['ratio_vs_full_fp16']:.1%} of it "
                   f"({1 / sizes['ratio_vs_full_fp16']:.1f}x smaller)")
 

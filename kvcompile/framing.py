@@ -46,7 +46,7 @@ class Framing:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "Framing":
+    def from_json(cls, d: dict) -> Framing:
         return cls(
             template=str(d["template"]),
             prefix_ids=tuple(int(i) for i in d["prefix_ids"]),

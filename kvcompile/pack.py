@@ -131,8 +131,9 @@ def pack_tensors_and_header(
     manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     tensors["manifest"] = _zstd(manifest_bytes)
 
-    def part_bytes(prefix: str) -> int:
-        return sum(t.numel() * t.element_size() for n, t in tensors.items() if n.startswith("layers.") and f".{prefix}" in n)
+    def part_bytes(part: str) -> int:
+        return sum(t.numel() * t.element_size() for n, t in tensors.items()
+                   if n.startswith("layers.") and n.split(".")[2] == part)
 
     header = {
         "format": "kvpack",
@@ -143,7 +144,8 @@ def pack_tensors_and_header(
                    "probes": list(recipe.probes)},
         "options": {
             "ratio": options.ratio, "budget": options.budget, "chunk_size": options.chunk_size, "sinks": options.sinks,
-            "scorer": {"name": options.scorer, **options.make_scorer().params()}, "selection": {"head_floor": options.head_floor},
+            "scorer": {"name": options.scorer, **options.make_scorer().params()},
+            "selection": {"head_floor": options.head_floor},
             "codec": {"name": codec.name, **codec.params()},
         },
         "framing": tk.framing.to_json(),
@@ -238,7 +240,8 @@ class Pack:
         try:
             self._check_structure()
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PackError(f"{self.path}: corrupt pack (header field {e} is missing or malformed): rebuild it") from None
+            raise PackError(f"{self.path}: corrupt pack (header field {e} is missing or malformed): "
+                            "rebuild it") from None
         if verify:
             for name in c.entries:
                 self._tensor(name)
@@ -398,6 +401,7 @@ class Pack:
             part = name.split(".")[2] if name.startswith("layers.") else name
             by_part[part if part in by_part else "other"] += c.nbytes(name)
         return {"file": c.size, "header": c.data_start, **by_part, "full_fp16": full,
+                "positions_raw_int32": 4 * sum(map(sum, self.kept)),
                 "ratio_vs_full_fp16": c.size / full if full else 0.0}
 
 

@@ -47,7 +47,7 @@ class Rotary:
         self.dtype = dtype
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> "Rotary | None":
+    def of(cls, model: torch.nn.Module) -> Rotary | None:
         base = getattr(model, "model", model)
         module = getattr(base, "rotary_emb", None)
         if module is None:

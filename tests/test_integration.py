@@ -19,7 +19,8 @@ def kvcompile(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_build_query_inspect_example_corpus(tmp_path, kvcompile_cache):
     pack = tmp_path / "faq.kvpack"
-    built = kvcompile("build", str(REPO / "docs" / "example-corpus"), "--task", "faq", "-o", str(pack), "--ratio", "0.25")
+    corpus = str(REPO / "docs" / "example-corpus")
+    built = kvcompile("build", corpus, "--task", "faq", "-o", str(pack), "--ratio", "0.25")
     assert built.returncode == 0, built.stderr
     assert "wrote" in built.stderr and "skipped" in built.stderr  # questions.jsonl has no text field
 

@@ -176,7 +176,8 @@ def test_checksums_payload_bytes_and_sizes(pack, tiny_pack):
     assert set(h["checksums"]) == set(c.entries)
     for name in c.entries:
         assert h["checksums"][name] == hashlib.sha256(c.raw(name)).hexdigest()
-    layer_bytes = {part: sum(c.nbytes(f"layers.{li}.{part}") for li in range(len(pack.kept))) for part in ("keys", "values")}
+    layer_bytes = {part: sum(c.nbytes(f"layers.{li}.{part}") for li in range(len(pack.kept)))
+                   for part in ("keys", "values")}
     assert h["payload_bytes"] == {**layer_bytes, "positions": c.nbytes("positions"), "manifest": c.nbytes("manifest")}
     sizes = pack.sizes()
     m = pack.model

