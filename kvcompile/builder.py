@@ -41,6 +41,7 @@ class BuildOptions:
     scorer_params: dict = field(default_factory=dict)
     codec: str = "fp16"
     head_floor: float = 0.2
+    doc_floor: float = 0.9  # share of each document's proportional budget it keeps at least
 
     def validate(self) -> None:
         if self.budget is None and self.ratio is None:
@@ -55,6 +56,8 @@ class BuildOptions:
             raise OptionError(f"--sinks must be >= 0, got {self.sinks}")
         if not 0 <= self.head_floor <= 1:
             raise OptionError(f"head floor must be in [0, 1], got {self.head_floor}")
+        if not 0 <= self.doc_floor <= 1:
+            raise OptionError(f"--doc-floor must be in [0, 1], got {self.doc_floor}")
 
     def make_scorer(self) -> Scorer:
         if self.scorer == "stride" and self.ratio is None:
@@ -152,6 +155,9 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progre
     total, target = stream.numel(), target_tokens(options, stream.numel())
     protect = max(len(tk.prefix_ids), options.sinks)
     scaling = head_dim**-0.5
+    # Document d spans stream positions [starts[d], starts[d + 1]); the framing prefix counts as document 0.
+    lengths = torch.tensor([len(d) for d in tk.doc_ids], device=device)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long, device=device), len(tk.prefix_ids) + lengths.cumsum(0)])
 
     empty = torch.empty(0, head_dim, dtype=dtype, device=device)
     keys = [[empty] * kv_heads for _ in range(layers)]  # post-RoPE while compiling
@@ -163,6 +169,7 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progre
         chunk = stream[start : start + options.chunk_size]
         end = start + chunk.numel()
         budget = layer_budget(target, end, total, kv_heads)
+        doc_share = ((starts[1:].clamp(max=end) - starts[:-1]).clamp(min=0)).float() / end
         needs_scores = budget < sum(p.numel() for p in positions[0]) + kv_heads * chunk.numel()
         n_probe = probe.numel() if needs_scores else 0
         cache = PackCache([Prefix(k, v) for k, v in zip(keys, values)], start=start, capture_queries=n_probe)
@@ -178,7 +185,9 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progre
             if n_probe:
                 view = LayerView(cand_k, cand_v, cand_p, layer.queries[0], n_probe, scaling)
                 scores = scorer.score(view)
-                kept = select(scores, budget, [p < protect for p in cand_p], options.head_floor)
+                docs = [torch.bucketize(p, starts[1:-1], right=True) for p in cand_p]
+                kept = select(scores, budget, [p < protect for p in cand_p], options.head_floor,
+                              docs, doc_share, options.doc_floor)
             else:
                 kept = [torch.arange(p.numel(), device=device) for p in cand_p]
             keys[li] = [k[i] for k, i in zip(cand_k, kept)]

@@ -71,6 +71,7 @@ def build(
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Tokens prefilled per chunk (recipe default: 2048)."),
     sinks: Optional[int] = typer.Option(None, "--sinks", help="First tokens always kept (recipe default: 4)."),
     scorer: str = typer.Option("task_aware", "--scorer", help="task_aware, or stride (an even-stride baseline)."),
+    doc_floor: Optional[float] = typer.Option(None, "--doc-floor", help="Share of each document's length-proportional budget it keeps at least, in [0, 1] (coverage)."),
     dtype: str = typer.Option("fp16", "--dtype", help="Storage codec: fp16, bf16 or fp32."),
     text_field: str = typer.Option("text", "--text-field", help="Column holding the text in .jsonl/.json/.csv/.parquet files."),
     device: Optional[str] = DeviceOpt,
@@ -99,6 +100,8 @@ def build(
             scorer=scorer,
             codec=dtype,
         )
+        if doc_floor is not None:
+            options.doc_floor = doc_floor
         options.validate()
         from .codecs import get_codec
 

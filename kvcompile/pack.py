@@ -145,7 +145,7 @@ def pack_tensors_and_header(
         "options": {
             "ratio": options.ratio, "budget": options.budget, "chunk_size": options.chunk_size, "sinks": options.sinks,
             "scorer": {"name": options.scorer, **options.make_scorer().params()},
-            "selection": {"head_floor": options.head_floor},
+            "selection": {"head_floor": options.head_floor, "doc_floor": options.doc_floor},
             "codec": {"name": codec.name, **codec.params()},
         },
         "framing": tk.framing.to_json(),

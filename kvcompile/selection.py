@@ -1,8 +1,11 @@
 """Budget policy: which candidates of a layer survive, given their scores.
 
-Heads compete for one budget per layer (per-head budgets): after a floor that every
-head keeps, the rest of the layer's budget goes to the best-scoring tokens whichever
-head they belong to. Ties break by (head, position), so selection is deterministic.
+Heads compete for one budget per layer (per-head budgets). Before they do, floors
+guarantee coverage: every head keeps a share of an even per-head budget, and every
+document keeps a share of its length-proportional budget (a question can be about any
+document, and a task prompt's attention is uneven across them). The rest goes to the
+best scores, whichever head and document they belong to. Ties break by (head, position),
+so selection is deterministic.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ def layer_budget(target: int, seen: int, total: int, kv_heads: int) -> int:
 
 
 def select(
-    scores: list[torch.Tensor], budget: int, protected: list[torch.Tensor], head_floor: float = 0.2
+    scores: list[torch.Tensor],
+    budget: int,
+    protected: list[torch.Tensor],
+    head_floor: float = 0.2,
+    groups: list[torch.Tensor] | None = None,
+    group_share: torch.Tensor | None = None,
+    group_floor: float = 0.0,
 ) -> list[torch.Tensor]:
     """Indices kept per head, ascending.
 
@@ -30,27 +39,38 @@ def select(
     budget: tokens to keep in total over the heads (clamped to what exists).
     protected: per head bool ``[n_h]``, always kept (sinks, framing).
     head_floor: share of the even per-head budget that each head keeps at least.
+    groups: per head ``[n_h]`` group ids (documents), indices into ``group_share``.
+    group_share: ``[groups]`` each group's share of the budget (its share of the tokens).
+    group_floor: share of its budget that each group keeps at least.
     """
     heads = len(scores)
     sizes = [s.shape[0] for s in scores]
     budget = min(budget, sum(sizes))
-    floor = int(head_floor * budget / heads)
-    keep = []
-    for s, p in zip(scores, protected):
-        # Protected first, then by score descending; the stable sort breaks ties by position.
-        order = torch.sort(torch.where(p, torch.inf, s.float()), descending=True, stable=True).indices
-        keep.append(order[: max(floor, int(p.sum()))])
-    taken = sum(k.numel() for k in keep)
-    rest = budget - taken
-    if rest > 0:
-        device = scores[0].device
-        mask = [torch.ones(n, dtype=torch.bool, device=device) for n in sizes]
-        for m, k in zip(mask, keep):
-            m[k] = False
-        pool_score = torch.cat([s.float()[m] for s, m in zip(scores, mask)])
-        pool_head = torch.cat([torch.full((int(m.sum()),), h, device=device) for h, m in enumerate(mask)])
-        pool_index = torch.cat([torch.nonzero(m).flatten() for m in mask])
-        best = torch.sort(pool_score, descending=True, stable=True).indices[:rest]
-        for h in range(heads):
-            keep[h] = torch.cat([keep[h], pool_index[best[pool_head[best] == h]]])
-    return [k.sort().values for k in keep]
+    flat = torch.cat([s.float() for s in scores])
+    head = torch.cat([torch.full((n,), h, device=flat.device) for h, n in enumerate(sizes)])
+    # Protected first (+inf); then by score; the stable sort breaks ties by (head, position).
+    rank = torch.sort(torch.where(torch.cat(protected), torch.inf, flat), descending=True, stable=True).indices
+    taken = torch.zeros_like(flat, dtype=torch.bool)
+
+    def take(eligible: torch.Tensor, n: int) -> None:
+        """Keep the ``n`` best not-yet-kept candidates among ``eligible``, within the budget."""
+        n = min(n, budget - int(taken.sum()))
+        if n > 0:
+            order = rank[(eligible & ~taken)[rank]]
+            taken[order[:n]] = True
+
+    is_protected = torch.cat(protected)
+    taken |= is_protected  # always kept, even beyond the budget
+    free = max(0, budget - int(is_protected.sum()))  # what the floors share
+    floor = int(head_floor * free / heads)
+    for h in range(heads):
+        take(head == h, floor - int(taken[head == h].sum()))
+    if groups is not None and group_floor > 0:
+        group = torch.cat(groups)
+        for g in torch.unique(group).tolist():
+            members = group == g
+            take(members, int(group_floor * free * float(group_share[g])) - int((taken & members & ~is_protected).sum()))
+    take(torch.ones_like(taken), budget)
+    kept = torch.nonzero(taken).flatten()
+    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    return [kept[(kept >= offsets[h]) & (kept < offsets[h + 1])] - offsets[h] for h in range(heads)]

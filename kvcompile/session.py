@@ -31,9 +31,8 @@ class Session:
         t0 = time.perf_counter()
         self.pack = pack
         self.lm = model if isinstance(model, LoadedModel) else load_model(model or pack.model["name"], progress=False)
-        pack.check_model(self.lm)
         use_pack_attention(self.lm.model)
-        self.prefixes, self.start = pack.prefixes(self.lm)
+        self.prefixes, self.start = pack.prefixes(self.lm)  # refuses another model than the pack's
         self.framing = pack.framing
         self.load_seconds = time.perf_counter() - t0
 
