@@ -48,9 +48,10 @@ def select(
     budget = min(budget, sum(sizes))
     flat = torch.cat([s.float() for s in scores])
     head = torch.cat([torch.full((n,), h, device=flat.device) for h, n in enumerate(sizes)])
-    # Protected first (+inf); then by score; the stable sort breaks ties by (head, position).
-    rank = torch.sort(torch.where(torch.cat(protected), torch.inf, flat), descending=True, stable=True).indices
-    taken = torch.zeros_like(flat, dtype=torch.bool)
+    is_protected = torch.cat(protected)
+    # By score, best first; the stable sort breaks ties by (head, position).
+    rank = torch.sort(flat, descending=True, stable=True).indices
+    taken = is_protected.clone()  # always kept, even beyond the budget
 
     def take(eligible: torch.Tensor, n: int) -> None:
         """Keep the ``n`` best not-yet-kept candidates among ``eligible``, within the budget."""
@@ -59,8 +60,6 @@ def select(
             order = rank[(eligible & ~taken)[rank]]
             taken[order[:n]] = True
 
-    is_protected = torch.cat(protected)
-    taken |= is_protected  # always kept, even beyond the budget
     free = max(0, budget - int(is_protected.sum()))  # what the floors share
     floor = int(head_floor * free / heads)
     for h in range(heads):
@@ -69,7 +68,8 @@ def select(
         group = torch.cat(groups)
         for g in torch.unique(group).tolist():
             members = group == g
-            take(members, int(group_floor * free * float(group_share[g])) - int((taken & members & ~is_protected).sum()))
+            already = int((taken & members & ~is_protected).sum())
+            take(members, int(group_floor * free * float(group_share[g])) - already)
     take(torch.ones_like(taken), budget)
     kept = torch.nonzero(taken).flatten()
     offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
