@@ -77,14 +77,6 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def parse_per_model(text: str) -> dict[str, int]:
-    out = {}
-    for item in filter(None, (t.strip() for t in (text or "").split(","))):
-        name, _, n = item.partition("=")
-        out[name.strip()] = int(n)
-    return out
-
-
 def machine_info(load_start) -> dict:
     import torch
     import transformers
@@ -159,9 +151,11 @@ def build_one(paths, out: Path, lm, recipe, options) -> dict:
     pack = kvcompile.load(out)
     cfg = lm.config
     heads = cfg.num_hidden_layers * cfg.num_key_value_heads
-    # compile_corpus gives the stride scorer the build ratio; record what the scorer used.
-    params = {"ratio": options.ratio or 0.25} if options.scorer == "stride" else {}
-    scorer = make_scorer(options.scorer, **{**params, **options.scorer_params})
+    if hasattr(options, "make_scorer"):
+        scorer = options.make_scorer()
+    else:  # compile_corpus gives the stride scorer the build ratio; record what the scorer used.
+        params = {"ratio": options.ratio or 0.25} if options.scorer == "stride" else {}
+        scorer = make_scorer(options.scorer, **{**params, **options.scorer_params})
     return {
         "path": str(out),
         "ratio": options.ratio,
@@ -221,7 +215,7 @@ def answers(session, questions, max_new_tokens: int) -> dict:
             "max_new_tokens": max_new_tokens}
 
 
-def run_pair(model_name: str, lm, corpus: str, args, tmp: Path, n_questions: int) -> dict:
+def run_pair(model_name: str, lm, corpus: str, args, tmp: Path, n_questions: int, ratios: list[float]) -> dict:
     from kvcompile.builder import BuildOptions, tokenize
     from kvcompile.corpus import read_corpus
     from kvcompile.quality import gain_kept, none_nll, pack_nll
@@ -258,7 +252,7 @@ def run_pair(model_name: str, lm, corpus: str, args, tmp: Path, n_questions: int
     packs = tmp / f"packs-{re.sub(r'[^A-Za-z0-9]', '_', model_name + '-' + corpus)}"
     packs.mkdir(parents=True, exist_ok=True)
     plan = [("full", 1.0, BuildOptions(ratio=1.0))]
-    for r in args.ratios:
+    for r in ratios:
         plan.append(("task_aware", r, BuildOptions(ratio=r)))
         plan.append(("stride", r, BuildOptions(ratio=r, scorer="stride")))
     builds = []
@@ -305,7 +299,7 @@ def run_pair(model_name: str, lm, corpus: str, args, tmp: Path, n_questions: int
     gc.collect()
 
     # 3 + 4 on the compressed packs ---------------------------------------------------
-    answer_ratio = min(args.ratios, key=lambda r: abs(r - 0.25))
+    answer_ratio = min(ratios, key=lambda r: abs(r - 0.25))
     for info in builds[1:]:
         session, load = open_session(info["path"], lm)
         info["load_seconds"] = load
@@ -359,7 +353,8 @@ def markdown(data: dict) -> str:
         f"`torch.no_grad()`) over exactly the token stream a pack holds (framing prefix + documents); "
         f"{'median of ' + str(cfg['prefill_runs']) + ' runs' if cfg['prefill_runs'] > 1 else 'one run'} "
         "after a short warm-up. It is the floor any build pays.",
-        "- **Builds** with the `qa` recipe: ratio 1.0 (the exact full-context pack, the quality reference), and at "
+        "- **Builds** with the `qa` recipe: ratio 1.0 (the full-context pack, exact up to the default fp16 "
+        "storage of K and V: see the logit check under each table; the quality reference), and at "
         "each ratio the default task-aware scorer (default parameters) and the `stride` baseline (every k-th token). "
         "Build seconds are `BuildReport.seconds['total']` (read, chunked prefill, scoring, selection, encoding, "
         "atomic write); pack size is the file size; \"vs fp16 full\" divides it by the fp16 KV cache of the whole "
@@ -379,7 +374,7 @@ def markdown(data: dict) -> str:
         f"the ~0.25 task-aware pack for the first {cfg['answer_questions']} questions, counted correct when a gold "
         "answer is contained in the answer after SQuAD normalisation (lowercase, no punctuation or articles).",
         "",
-        f"**Machine**: {m['platform']}, {m['cpu_count']} CPU cores (torch uses {m['torch_threads']} threads), "
+        f"**Machine**: {m['platform']}, {m['cpu_count']} CPU cores, "
         f"{'CUDA' if m['cuda'] else 'no GPU'}; Python {m['python']}, torch {m['torch']}, transformers "
         f"{m['transformers']}, kvcompile {m['kvcompile']}; models in float32 on CPU; {m['date']}. The machine was "
         f"shared with other processes: load average {', '.join(fmt(x) for x in m['loadavg_start'])} (1, 5, 15 min) "
@@ -387,12 +382,19 @@ def markdown(data: dict) -> str:
         f"{m['cpu_count']} cores, so absolute times are inflated and noisy; ratios measured side by side "
         "(build/prefill, TTFT speed-up) are the more reliable numbers.",
         "",
+        f"torch ran with {cfg.get('threads', m['torch_threads'])} thread(s) (`--threads`)"
+        + (": on this shared, oversubscribed CPU two OpenMP threads stall on every small op (measured before the "
+           "run: a 5-token forward over a 4.5k-token pack took 1.6-3.6 s with 2 threads, 0.6 s with 1; a 1024-token "
+           "prefill 17.9 s vs 13.1 s), so everything here, prefill included, is single-threaded."
+           if cfg.get("threads") == 1 else "."),
+        "",
         f"Total run time: {fmt(data.get('total_seconds', 0) / 60, 1)} min.",
     ]
-    if cfg.get("per_model_questions"):
-        lines += ["", "Questions per model were reduced to keep the run short: "
-                  + ", ".join(f"`{k}`: {v}" for k, v in cfg["per_model_questions"].items())
-                  + f" (default {cfg['questions']})."]
+    for name, r in (cfg.get("reduced") or {}).items():
+        lines += ["", f"To keep the run short, `{name}` was measured on a reduced matrix: corpora "
+                  f"{', '.join(r['corpora'])}; ratios {', '.join(map(str, r['ratios']))}; the first "
+                  f"{r['questions']} questions (others: every corpus, ratios {', '.join(map(str, cfg['ratios']))}, "
+                  f"{cfg['questions']} questions). `--reduced-models ''` runs the full matrix."]
     lines.append("")
 
     for res in data["results"]:
@@ -402,6 +404,11 @@ def markdown(data: dict) -> str:
     lines += ["", "How to reproduce: `make bench` (or `.venv/bin/python bench/run.py --out docs/benchmarks`; "
               "`--quick` for a smoke test; `--help` for the options).", ""]
     return "\n".join(lines)
+
+
+def ci_text(res: dict, ratio) -> str:
+    ci = diff_ci(res, ratio)
+    return f"{ci[0]:+.2f} to {ci[1]:+.2f}" if ci else "–"
 
 
 def pair_markdown(res: dict) -> list[str]:
@@ -415,15 +422,18 @@ def pair_markdown(res: dict) -> list[str]:
         "",
         f"{res['corpus_description']}. Stream: {res['cache_tokens']} tokens ({res['documents']} documents); "
         f"task prompt {res['task_prompt_tokens']} tokens; {res['layers']} layers x {res['kv_heads']} KV heads; "
-        f"{res['n_questions']} questions; fp16 full cache {full['sizes']['full_fp16'] / 2**20:.2f} MiB. "
+        f"{res['n_questions']} questions"
+        + (f" (from {len(res['question_docs'])} of the {res['documents']} documents)"
+           if res.get("question_docs") else "")
+        + f"; fp16 full cache {full['sizes']['full_fp16'] / 2**20:.2f} MiB. "
         f"Pair measured in {res['seconds'] / 60:.1f} min.",
         "",
         "| ratio | kept tokens (per KV head) | pack MiB | vs fp16 full | build s | bare prefill s | build/prefill "
-        "| gain kept (task-aware) | gain kept (stride) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| gain kept (task-aware) | gain kept (stride) | task-aware − stride, 90% CI |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| 1.0 (full) | {full['kept_per_head']:.0f} / {res['cache_tokens']} | {full['bytes'] / 2**20:.2f} | "
         f"{full['sizes']['ratio_vs_full_fp16']:.3f} | {full['seconds']['total']:.1f} | {prefill:.1f} | "
-        f"{full['seconds']['total'] / prefill:.2f} | 1 (reference) | 1 (reference) |",
+        f"{full['seconds']['total'] / prefill:.2f} | 1 (reference) | 1 (reference) | |",
     ]
     for r in ratios:
         ta, st = by[("task_aware", r)], by.get(("stride", r))
@@ -431,7 +441,11 @@ def pair_markdown(res: dict) -> list[str]:
             f"| {r} | {ta['kept_per_head']:.0f} / {res['cache_tokens']} | {ta['bytes'] / 2**20:.2f} | "
             f"{ta['sizes']['ratio_vs_full_fp16']:.3f} | {ta['seconds']['total']:.1f} | {prefill:.1f} | "
             f"{ta['seconds']['total'] / prefill:.2f} | {fmt(ta.get('gain_kept'), 3)} | "
-            f"{fmt(st.get('gain_kept') if st else None, 3)} |")
+            f"{fmt(st.get('gain_kept') if st else None, 3)} | {ci_text(res, r)} |")
+    ta_params = next((b["scorer_params"] for b in builds if b["method"] == "task_aware"), None)
+    if ta_params is not None:
+        lines += ["", "Task-aware scorer parameters (the defaults): "
+                  + (", ".join(f"`{k}={v}`" for k, v in ta_params.items()) or "none") + "."]
     lines += ["", "Build time by stage (s) and the stride builds:", "",
               "| pack | read | prefill | score+select | write | total |", "|---|---|---|---|---|---|"]
     for b in builds:
@@ -471,62 +485,121 @@ def pair_markdown(res: dict) -> list[str]:
     return lines
 
 
+def span(xs, scale=1.0, unit="", digits=0) -> str:
+    lo, hi = f"{min(xs) * scale:.{digits}f}", f"{max(xs) * scale:.{digits}f}"
+    return f"{lo}{unit}" if lo == hi else f"{lo}{unit} to {hi}{unit}"
+
+
+def gain_diff_ci(none, full, a, b, n: int = 2000, level: float = 0.90, seed: int = 0):
+    """Paired bootstrap over questions of gain_kept(a) - gain_kept(b): (low, high) at ``level``."""
+    import random
+
+    rng, k, diffs = random.Random(seed), len(none), []
+    if k < 2:
+        return None
+    for _ in range(n):
+        idx = [rng.randrange(k) for _ in range(k)]
+        gain_full = sum(none[i] - full[i] for i in idx)
+        if gain_full > 0:
+            diffs.append(sum(b[i] - a[i] for i in idx) / gain_full)  # (none-a) - (none-b) = b - a
+    if len(diffs) < n // 2:
+        return None
+    diffs.sort()
+    tail = (1 - level) / 2
+    return diffs[int(tail * len(diffs))], diffs[min(len(diffs) - 1, int((1 - tail) * len(diffs)))]
+
+
+def diff_ci(res: dict, ratio) -> tuple | None:
+    by = {(b["method"], b["ratio"]): b for b in res["builds"]}
+    ta, st = by.get(("task_aware", ratio)), by.get(("stride", ratio))
+    if not ta or not st or "nll" not in ta or "nll" not in st:
+        return None
+    return gain_diff_ci(res["nll"]["none"], res["nll"]["full"], ta["nll"], st["nll"])
+
+
 def observations(data: dict) -> list[str]:
     """Sentences computed from the numbers (so a rerun keeps them true)."""
     out = ["## Observations", ""]
     wins, losses, ties = [], [], []
-    overheads, speedups, score_shares = [], [], []
+    overheads, full_overheads, speedups, score_shares, loads, ttft_by_ratio = [], [], [], [], [], {}
+    gains, answers_txt = [], []
     for res in data["results"]:
         by = {(b["method"], b["ratio"]): b for b in res["builds"]}
         tag = f"{res['model']} / {res['corpus']}"
         prefill = res["bare_prefill"]["median"]
         for b in res["builds"]:
-            overheads.append(b["seconds"]["total"] / prefill)
-            if b["method"] != "full" and b["seconds"].get("total"):
+            (full_overheads if b["method"] == "full" else overheads).append(b["seconds"]["total"] / prefill)
+            if b["method"] == "task_aware" and b["seconds"].get("total"):
                 score_shares.append(b["seconds"].get("score", 0) / b["seconds"]["total"])
-        for (method, r), b in by.items():
+        nm = res["nll_mean"]
+        gains.append(f"{tag} {nm['none'] - nm['full']:.2f} ({nm['none']:.2f} -> {nm['full']:.2f}, "
+                     f"{res['n_questions']} questions)")
+        for (method, r), b in sorted(by.items(), key=lambda kv: -kv[0][1]):
             if method != "task_aware":
                 continue
             st = by.get(("stride", r))
             g, gs = b.get("gain_kept"), st.get("gain_kept") if st else None
             if g is None or gs is None or math.isnan(g) or math.isnan(gs):
                 continue
-            item = f"{tag} at {r} ({g:.2f} vs {gs:.2f})"
-            (wins if g > gs + 0.05 else losses if g < gs - 0.05 else ties).append(item)
+            ci = diff_ci(res, r)
+            item = f"{tag} at {r} ({g:.2f} vs {gs:.2f}" + (f", 90% CI of the difference {ci[0]:+.2f} to "
+                                                            f"{ci[1]:+.2f}" if ci else "") + ")"
+            if ci is None:
+                (wins if g > gs + 0.05 else losses if g < gs - 0.05 else ties).append(item)
+            else:
+                (wins if ci[0] > 0 else losses if ci[1] < 0 else ties).append(item)
         re_ttft = res["reprefill"]["ttft_median"]
         for b in res["builds"]:
             if b.get("latency") and re_ttft:
                 speedups.append(re_ttft / b["latency"]["ttft_median"])
+                loads.append(b["load_seconds"]["total"] / b["latency"]["ttft_median"])
+                ttft_by_ratio.setdefault(tag, []).append((b["ratio"], b["latency"]["ttft_median"]))
+        af, ap = res.get("answers_full"), res.get("answers_pack")
+        if af and ap:
+            answers_txt.append(f"{tag} {af['correct']}/{af['n']} from the full pack, {ap['correct']}/{ap['n']} "
+                               f"from the {ap['ratio']} pack")
     total = len(wins) + len(losses) + len(ties)
-    para = []
+    paras = []
     if total:
-        para.append(f"Task-aware selection keeps clearly more of the full context's gain than the stride baseline "
-                    f"(by more than 0.05) in {len(wins)} of {total} (model, corpus, ratio) cases"
-                    + (f": {'; '.join(wins)}" if wins else "") + ".")
+        p = [f"**Quality.** Compared at the same kept share (paired bootstrap over the questions), task-aware "
+             f"selection keeps significantly more of the full context's gain than the stride baseline in "
+             f"{len(wins)} of {total} (model, corpus, ratio) cases"
+             + (f": {'; '.join(wins)}" if wins else "") + "."]
         if losses:
-            para.append(f"It does clearly worse than stride in {len(losses)}: {'; '.join(losses)}.")
+            p.append(f"It keeps significantly less in {len(losses)}: {'; '.join(losses)}.")
         if ties:
-            para.append(f"Within 0.05 of stride (no meaningful difference at this sample size) in {len(ties)}: "
-                        f"{'; '.join(ties)}.")
+            p.append(f"The two cannot be told apart at this sample size in {len(ties)}: {'; '.join(ties)}.")
+        p.append("The full context's gain, the denominator of gain kept, is (NLL none - full, nats/token): "
+                 + "; ".join(gains) + "; where it is small, gain kept swings widely (a pack can even do worse "
+                 "than no documents: a negative value).")
+        if answers_txt:
+            p.append("Generated answers, a sanity check on the first questions only (answer contains a gold "
+                     "answer): "
+                     + "; ".join(answers_txt) + ".")
+        paras.append(" ".join(p))
     if overheads:
-        para.append(
-            f"Building costs {min(overheads):.1f}x to {max(overheads):.1f}x a bare prefill of the same tokens. "
-            "A build is more than a prefill: it runs chunk by chunk (2048 tokens) with the task prompt appended to "
-            "every chunk that needs scoring, each chunk attends over the kept KV through kvcompile's ragged "
-            "per-KV-head attention (plain PyTorch, one SDPA call per head) instead of one fused SDPA, the probe "
-            "rows' attention is recomputed in float32 per head for scoring, and the pack is checksummed, "
-            "zstd-compressed (positions, manifest) and fsync'ed"
-            + (f"; scoring and selection take {min(score_shares) * 100:.0f}-{max(score_shares) * 100:.0f}% of a "
-               "compressed build" if score_shares else "")
-            + ". The ratio-1.0 build skips scoring, so its overhead over the bare prefill is the chunked ragged "
-            "attention and the write alone.")
+        paras.append(
+            f"**Build cost.** A compressed build takes {span(overheads, 1, 'x', 1)} the time of a bare prefill of "
+            f"the same tokens, the ratio-1.0 build {span(full_overheads, 1, 'x', 2)}: the model's forward passes "
+            "dominate. The rest is what a build does beyond one forward: it runs chunk by chunk (2048 tokens), "
+            "appends the task prompt to every chunk that needs scoring, attends over the kept KV through "
+            "kvcompile's ragged per-KV-head attention (plain PyTorch, one SDPA call per head with an explicit "
+            "mask) instead of one fused SDPA call, recomputes the probe rows' attention in float32 to score, "
+            "selects, and writes a checksummed, partly zstd-compressed file"
+            + (f"; scoring and selection are {span(score_shares, 100, '%')} of a task-aware build"
+               if score_shares else "")
+            + ". The stride baseline pays the same prefill, so its build is hardly cheaper.")
     if speedups:
-        para.append(
-            f"Answering from a pack starts {min(speedups):.0f}x to {max(speedups):.0f}x sooner than re-prefilling "
-            "the corpus with the question: the pack only runs the question's tokens against the cached KV, so its "
-            "TTFT barely depends on the ratio, while re-prefill grows with the corpus. The one-time pack load "
-            "(verify checksums, decode, rotate keys) is of the order of a single TTFT or less.")
-    out.append(" ".join(para) if para else "No results.")
+        paras.append(
+            f"**Latency.** Answering from a pack starts {span(speedups, 1, 'x')} sooner than re-prefilling the "
+            "corpus with the question: the pack runs only the question's tokens against the cached KV, while a "
+            "re-prefill runs the whole corpus again. TTFT from the pack still grows with what the pack holds "
+            "(full -> smallest ratio): "
+            + "; ".join(f"{tag} " + " -> ".join(f"{t:.2f}s" for _, t in sorted(v, key=lambda x: -x[0]))
+                        for tag, v in ttft_by_ratio.items())
+            + f"; decode speeds up likewise. Loading a pack (verify checksums, decode, rotate keys) costs "
+            f"{span(loads, 1, 'x', 1)} one TTFT, once per session.")
+    out.append("\n\n".join(paras) if paras else "No results.")
     return out
 
 
@@ -581,8 +654,13 @@ def main(argv=None) -> int:
                    help=f"comma-separated: 'example' and/or 'squad:TITLE' (default {DEFAULT_CORPORA})")
     p.add_argument("--ratios", default=DEFAULT_RATIOS, help=f"comma-separated kept ratios (default {DEFAULT_RATIOS})")
     p.add_argument("--questions", type=int, default=40, help="first N questions of each corpus (default 40)")
-    p.add_argument("--per-model-questions", default="qwen2.5-coder-0.5b=20",
-                   help="override N per model, e.g. 'qwen2.5-coder-0.5b=20' (default; '' for none)")
+    p.add_argument("--reduced-models", default="qwen2.5-coder-0.5b",
+                   help="models measured on a reduced matrix, to keep the run short (default\n"
+                        "qwen2.5-coder-0.5b; '' for none): only --reduced-corpora, --reduced-ratios,\n"
+                        "--reduced-questions")
+    p.add_argument("--reduced-corpora", default="example", help="corpora of the reduced models (default example)")
+    p.add_argument("--reduced-ratios", default="0.25", help="ratios of the reduced models (default 0.25)")
+    p.add_argument("--reduced-questions", type=int, default=20, help="questions of the reduced models (default 20)")
     p.add_argument("--prefill-runs", type=int, default=1, help="bare prefill runs, median (default 1)")
     p.add_argument("--latency-questions", type=int, default=5, help="questions for pack TTFT (default 5)")
     p.add_argument("--reprefill-questions", type=int, default=2,
@@ -590,6 +668,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=16, help="max new tokens for decode speed (default 16)")
     p.add_argument("--answer-questions", type=int, default=5, help="questions answered in text (default 5)")
     p.add_argument("--answer-tokens", type=int, default=24, help="max new tokens per answer (default 24)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared, oversubscribed CPU, OpenMP threads stall on\n"
+                        "every small op; 0 keeps torch's default)")
     p.add_argument("--quick", action="store_true", help="smoke test: first model, first corpus, 8 questions")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from OUT/build-query.json")
     args = p.parse_args(argv)
@@ -604,24 +685,33 @@ def main(argv=None) -> int:
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
     args.ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    per_model = parse_per_model(args.per_model_questions)
     if args.quick:
-        args.models, args.corpora, args.questions, per_model = args.models[:1], args.corpora[:1], 8, {}
-    per_model = {k: v for k, v in per_model.items() if k in args.models}
+        args.models, args.corpora, args.questions = args.models[:1], args.corpora[:1], 8
+    reduced = {}
+    for m in filter(None, (t.strip() for t in args.reduced_models.split(","))):
+        if m in args.models and not args.quick:
+            reduced[m] = {
+                "corpora": [c.strip() for c in args.reduced_corpora.split(",") if c.strip() in args.corpora],
+                "ratios": [float(r) for r in args.reduced_ratios.split(",") if r.strip()],
+                "questions": args.reduced_questions,
+            }
 
     load_start = os.getloadavg()
     import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     from kvcompile.models import load_model
 
     data = {
         "machine": machine_info(load_start),
         "config": {"models": args.models, "corpora": args.corpora, "ratios": args.ratios,
-                   "questions": args.questions, "per_model_questions": per_model, "quick": args.quick,
+                   "questions": args.questions, "reduced": reduced, "quick": args.quick,
                    "prefill_runs": args.prefill_runs, "latency_questions": args.latency_questions,
                    "reprefill_questions": args.reprefill_questions, "decode_tokens": args.decode_tokens,
                    "answer_questions": args.answer_questions, "answer_tokens": args.answer_tokens,
-                   "recipe": "qa", "dtype": "float32", "device": "cpu"},
+                   "threads": torch.get_num_threads(), "recipe": "qa", "dtype": "float32", "device": "cpu"},
         "results": [],
     }
     log(f"kvcompile bench: models {args.models}, corpora {args.corpora}, ratios {args.ratios}, "
@@ -633,9 +723,10 @@ def main(argv=None) -> int:
             lm = load_model(model_name, dtype="float32", device="cpu", progress=False)
             model_load = time.perf_counter() - t0
             log(f"loaded {model_name} in {model_load:.1f}s")
-            n = per_model.get(model_name, args.questions)
-            for corpus in args.corpora:
-                res = run_pair(model_name, lm, corpus, args, tmp, n)
+            plan = reduced.get(model_name, {"corpora": args.corpora, "ratios": args.ratios,
+                                            "questions": args.questions})
+            for corpus in plan["corpora"]:
+                res = run_pair(model_name, lm, corpus, args, tmp, plan["questions"], plan["ratios"])
                 res["model_load_seconds"] = model_load
                 data["results"].append(res)
                 data["total_seconds"] = time.perf_counter() - T_START
