@@ -9,28 +9,30 @@ quantised codecs fit in without a format change. New codecs are new files that c
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from ..errors import OptionError, PackError
 
 
-class Codec:
+class Codec(ABC):
     name: str = ""
 
+    @abstractmethod
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x [tokens, head_dim]`` -> named tensors to store."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, tensors: dict[str, torch.Tensor], tokens: int, head_dim: int) -> torch.Tensor:
         """Stored tensors -> ``[tokens, head_dim]``; raises PackError on a shape mismatch."""
-        raise NotImplementedError
 
+    @abstractmethod
     def layout(self, tokens: int, head_dim: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         """The tensors a part of ``tokens`` rows should have: ``{role: (dtype name, shape)}``.
 
         Readers check a pack against this before reading any tensor.
         """
-        raise NotImplementedError
 
     def params(self) -> dict:
         return {}

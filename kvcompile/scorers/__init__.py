@@ -9,6 +9,7 @@ New scorers are new files that call :func:`register`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +35,14 @@ class LayerView:
     scaling: float
 
 
-class Scorer:
+class Scorer(ABC):
     """Base class; subclasses set ``name`` and implement :meth:`score`."""
 
     name: str = ""
 
+    @abstractmethod
     def score(self, view: LayerView) -> list[torch.Tensor]:
         """Per KV head, a score ``[candidates_h]`` for each candidate; higher = keep."""
-        raise NotImplementedError
 
     def params(self) -> dict:
         """The parameters recorded in the pack (everything that changes the scores)."""
