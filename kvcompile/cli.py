@@ -220,6 +220,140 @@ def inspect(
                   f"({1 / sizes['ratio_vs_full_fp16']:.1f}x smaller)")
 
 
+@app.command("eval")
+def eval_(
+    packs: List[Path] = typer.Argument(None, help="Packs to evaluate (any number; none with --sweep)."),
+    qa: Optional[Path] = typer.Option(None, "--qa", help="Questions: JSONL with 'question', 'answers' (a list) and optional 'id'."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="A built-in set: squad:ARTICLE, hotpotqa[:POOL], synthetic[:profiles[:N]|needles[:TOKENS]]."),
+    corpus: List[Path] = typer.Option([], "--corpus", "-c", help="The corpus the packs were built from (for the baselines and --sweep; not needed with --dataset)."),
+    baselines: str = typer.Option("full,rag,none", "--baselines", help="Comma-separated: full, rag, none ('' for none)."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="Also build and evaluate packs at these kept ratios, e.g. 0.5,0.25,0.1."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Recipe for --sweep builds (default: qa)."),
+    questions: Optional[int] = typer.Option(None, "--questions", "-n", help="Ask only the first N questions."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Longest generated answer, in tokens."),
+    rag_chunk: int = typer.Option(128, "--rag-chunk", help="Tokens per BM25 chunk for the rag baseline."),
+    seed: int = typer.Option(0, "--seed", help="Seed for generated datasets and HotpotQA pools."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write eval.json and eval.png (and --sweep packs) here."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Score packs against full context, BM25 retrieval and no context on the same questions."""
+    import tempfile
+
+    import torch
+
+    from .builder import BuildOptions
+    from .corpus import read_corpus
+    from .data.qa import read_qa_jsonl
+    from .data.synthetic import write_corpus
+    from .evaluation import report
+    from .evaluation.datasets import load_dataset
+    from .evaluation.plan import parse_baselines, plan
+    from .evaluation.run import evaluate
+    from .models import load_model
+    from .pack import load
+    from .pipeline import build as run_build
+    from .recipe import load_recipe
+
+    with _errors(debug), tempfile.TemporaryDirectory(prefix="kvcompile-eval-") as tmp:
+        if (qa is None) == (dataset is None):
+            raise OptionError("give --qa FILE or --dataset NAME (one of them)")
+        if questions is not None and questions < 1:
+            raise OptionError(f"--questions must be at least 1, got {questions}")
+        if max_new_tokens < 1:
+            raise OptionError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        ratios = _ratios(sweep) if sweep else []
+        if not packs and not ratios:
+            raise OptionError("nothing to evaluate: give packs, or --sweep RATIOS to build them")
+        wanted = parse_baselines(baselines)
+        torch.manual_seed(seed)
+        work = out_dir if out_dir is not None else Path(tmp)
+
+        if dataset is not None:
+            evalset = load_dataset(dataset, seed=seed, questions=questions)
+            corpus = [work / "corpus"]
+            write_corpus(evalset, corpus[0])
+            qas, title = evalset.questions, evalset.name
+        else:
+            qas, title = read_qa_jsonl(qa), qa.name
+        qas = qas[:questions] if questions else qas
+        documents = None
+        if corpus:
+            documents, _ = read_corpus(corpus)
+        opened = [load(p) for p in packs or []]
+        lm = load_model(model or (opened[0].model["name"] if opened else None), device=device, progress=not quiet)
+        recipe = load_recipe(task or "qa")
+        for r in ratios:
+            if documents is None:
+                raise OptionError("--sweep builds packs from the corpus: give --corpus DIR or --dataset")
+            path = work / "packs" / f"{recipe.name}-{r:g}.kvpack"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not quiet:
+                err.print(f"building {escape(str(path))} at ratio {r:g}")
+            run_build(corpus, path, lm, recipe, BuildOptions(ratio=r))
+            opened.append(load(path))
+        makers = plan(lm, opened, documents, recipe, wanted, rag_chunk)
+        with _question_bar(quiet, len(makers) * len(qas)) as step:
+            results = evaluate(makers, qas, lm.device, max_new_tokens, step)
+
+        meta = {"title": f"{title} — {lm.name}, {len(qas)} questions", "model": lm.name, "questions": len(qas),
+                "dataset": dataset, "qa": str(qa) if qa else None, "seed": seed, "max_new_tokens": max_new_tokens,
+                "rag_chunk": rag_chunk, "device": str(lm.device)}
+        if as_json:
+            print(json.dumps(report.to_json(results, meta), indent=1, ensure_ascii=False))
+        else:
+            out.print(report.table(results, meta["title"]), width=None if out.is_terminal else 160)
+        if out_dir is not None:
+            for p in report.write(results, meta, out_dir):
+                err.print(f"[green]wrote[/] {escape(str(p))}")
+
+
+@app.command("eval-corpus")
+def eval_corpus(
+    dataset: str = typer.Argument(..., help="squad:ARTICLE, hotpotqa[:POOL], synthetic[:profiles[:N]|needles[:TOKENS]]."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write the documents and questions.jsonl into."),
+    questions: Optional[int] = typer.Option(None, "--questions", "-n", help="Keep only the first N questions."),
+    seed: int = typer.Option(0, "--seed", help="Seed for generated datasets and HotpotQA pools."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Write a built-in dataset as a corpus folder (+ questions.jsonl) for build and eval --qa."""
+    from .data.synthetic import write_corpus
+    from .evaluation.datasets import load_dataset
+
+    with _errors(debug):
+        evalset = load_dataset(dataset, seed=seed, questions=questions)
+        write_corpus(evalset, output)
+        err.print(f"[green]wrote[/] {escape(str(output))}: {len(evalset.documents)} documents, "
+                  f"{len(evalset.questions)} questions in questions.jsonl")
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise OptionError(f"--sweep takes comma-separated ratios such as 0.5,0.25,0.1, not {text!r}") from None
+    if not ratios or not all(0 < r <= 1 for r in ratios):
+        raise OptionError(f"--sweep ratios must be in (0, 1], got {text!r}")
+    return ratios
+
+
+@contextlib.contextmanager
+def _question_bar(quiet: bool, total: int):
+    """A progress callback over (method, question) steps, drawn with rich unless quiet."""
+    if quiet or not err.is_terminal and os.environ.get("KVCOMPILE_PROGRESS") != "1":
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("questions", total=total)
+        yield lambda name: bar.update(task, advance=1, description=name)
+
+
 @contextlib.contextmanager
 def _progress(quiet: bool):
     """A progress callback for build (prefill tokens), drawn with rich unless quiet."""

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from .attention import use_pack_attention
+from .cache import PackCache, Prefix
 from .errors import QuestionError
 from .models import LoadedModel, load_model
 
@@ -36,6 +37,17 @@ class Session:
         self.framing = pack.framing
         self.load_seconds = time.perf_counter() - t0
 
+    @classmethod
+    def over(cls, lm: LoadedModel, framing, prefixes: list[Prefix], start: int) -> Session:
+        """A session over KV that is not a pack file: ``prefixes`` (post-RoPE, per layer and
+        KV head) with questions starting at position ``start``. Used by ``kvcompile eval``
+        for its baselines and by the peer benchmark."""
+        self = cls.__new__(cls)
+        use_pack_attention(lm.model)
+        self.pack, self.lm, self.prefixes, self.start, self.framing = None, lm, prefixes, start, framing
+        self.load_seconds = 0.0
+        return self
+
     def question_ids(self, question: str, reserve: int = 0) -> list[int]:
         """Token ids of ``question``; refuses an empty one or one that does not fit."""
         if not question or not question.strip():
@@ -50,8 +62,9 @@ class Session:
             )
         return ids
 
-    def cache(self):
-        return self.pack.cache(self.lm, self.prefixes)
+    def cache(self) -> PackCache:
+        """A fresh cache over the shared, read-only prefix, for one question."""
+        return PackCache(self.prefixes, self.start)
 
     @torch.no_grad()
     def stream(self, question: str, max_new_tokens: int = 128, timings: dict | None = None) -> Iterator[str]:
@@ -62,35 +75,7 @@ class Session:
         """
         ids = self.question_ids(question, reserve=1)
         max_new_tokens = max(1, min(max_new_tokens, self.lm.max_positions - self.start - len(ids)))
-        tok, model = self.lm.tokenizer, self.lm.model
-        eos = set(_eos_ids(self.lm))
-        cache = self.cache()
-        t0 = time.perf_counter()
-        x = torch.tensor([ids], device=self.lm.device)
-        out: list[int] = []
-        shown = ""
-        t_first = None
-        for _ in range(max_new_tokens):
-            logits = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-            nxt = int(logits.argmax())
-            if t_first is None:
-                t_first = time.perf_counter()
-            if nxt in eos:
-                break
-            out.append(nxt)
-            text = tok.decode(out, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # hold back half a multi-byte character
-                yield text[len(shown):]
-                shown = text
-            x = torch.tensor([[nxt]], device=self.lm.device)
-        t_end = time.perf_counter()
-        text = tok.decode(out, skip_special_tokens=True)
-        if text != shown:
-            yield text[len(shown):]
-        if timings is not None:
-            t_first = t_first or t_end
-            timings.update(ttft=t_first - t0, decode=t_end - t_first, tokens=len(out),
-                           tokens_per_s=(len(out) - 1) / (t_end - t_first) if len(out) > 1 and t_end > t_first else 0.0)
+        yield from stream_text(self.lm, greedy(self.lm, ids, self.cache(), max_new_tokens, timings=timings))
 
     def ask(self, question: str, max_new_tokens: int = 128) -> Answer:
         """The whole answer to ``question`` (greedy), with timings."""
@@ -113,6 +98,59 @@ class Session:
         x = torch.tensor([q + a], device=self.lm.device)
         logits = self.lm.model(x, past_key_values=self.cache(), use_cache=True, logits_to_keep=len(a) + 1).logits
         return _nll(logits[0, :-1], a)
+
+
+@torch.no_grad()
+def greedy(
+    lm: LoadedModel, ids: list[int], cache, max_new_tokens: int, position: int | None = None,
+    timings: dict | None = None,
+) -> Iterator[int]:
+    """Greedy decoding: yield each new token id of the answer to ``ids`` until EOS.
+
+    ``cache`` is any transformers cache holding the context (a pack's, or a plain
+    prefilled one). ``position`` is the RoPE position of ``ids[0]`` when it differs from
+    the cache's length (a cache pruned without re-rotation); None lets the model count.
+    ``timings`` as in :meth:`Session.stream`.
+    """
+    model, eos = lm.model, set(_eos_ids(lm))
+    x = torch.tensor([ids], device=lm.device)
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    for _ in range(max_new_tokens):
+        kwargs = {}
+        if position is not None:
+            kwargs["position_ids"] = torch.arange(position, position + x.shape[1], device=lm.device)[None]
+            position += x.shape[1]
+        logits = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs).logits[0, -1]
+        nxt = int(logits.argmax())
+        if t_first is None:
+            t_first = time.perf_counter()
+        if nxt in eos:
+            break
+        n += 1
+        yield nxt
+        x = torch.tensor([[nxt]], device=lm.device)
+    t_end = time.perf_counter()
+    if timings is not None:
+        t_first = t_first or t_end
+        timings.update(ttft=t_first - t0, decode=t_end - t_first, tokens=n,
+                       tokens_per_s=(n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else 0.0)
+
+
+def stream_text(lm: LoadedModel, tokens: Iterator[int]) -> Iterator[str]:
+    """Decode a stream of token ids into text pieces, never splitting a character."""
+    out: list[int] = []
+    shown = ""
+    for t in tokens:
+        out.append(t)
+        text = lm.tokenizer.decode(out, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # hold back half a multi-byte character
+            yield text[len(shown):]
+            shown = text
+    text = lm.tokenizer.decode(out, skip_special_tokens=True)
+    if text != shown:
+        yield text[len(shown):]
 
 
 def answer_ids(lm: LoadedModel, answer: str) -> list[int]:

@@ -1,0 +1,154 @@
+"""The ways of giving a model the corpus that ``kvcompile eval`` compares.
+
+Each method answers the same questions with the same model, framing, attention and
+greedy decoding; they differ only in the KV the question attends to:
+
+- ``pack``: a compiled ``.kvpack``, answered exactly as ``kvcompile query`` does;
+- ``full``: the whole corpus, prefilled once and cached (the quality ceiling);
+- ``none``: the framing alone, no documents (the floor);
+- ``rag``: BM25 chunks up to the pack's token budget, prefilled per question;
+- any other per-head KV (the kvpress peers of ``bench/peers.py``).
+
+All but ``rag`` are a :class:`~kvcompile.session.Session` over per-head prefixes.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+
+import torch
+from transformers import DynamicCache
+
+from ..cache import Prefix
+from ..data.qa import QA
+from ..framing import Framing
+from ..models import LoadedModel
+from ..session import Session, _nll, answer_ids, greedy, stream_text
+from .rag import Bm25Retriever, chunk_documents
+
+
+def kv_bytes_per_token(lm: LoadedModel, itemsize: int = 2) -> int:
+    """Bytes of keys and values one token takes in every layer and KV head (fp16 by default)."""
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
+
+
+class Method(ABC):
+    """A context for the questions. ``kv_tokens``: tokens a question attends to per layer and
+    KV head; ``kv_bytes``: their bytes (means over the questions asked, where they vary)."""
+
+    name: str
+    kind: str
+    ratio: float | None = None
+    setup_seconds: float = 0.0
+    kv_tokens: float
+    kv_bytes: float
+
+    @abstractmethod
+    def answer_nll(self, qa: QA) -> float:
+        """Mean NLL per token of the first gold answer."""
+
+    @abstractmethod
+    def generate(self, qa: QA, max_new_tokens: int) -> tuple[str, dict]:
+        """Greedy answer text and timings (``ttft``, ``decode``, ``tokens``, ``tokens_per_s``)."""
+
+
+class SessionMethod(Method):
+    """Questions answered by a Session: over a pack, or over KV computed here."""
+
+    def __init__(self, session: Session, name: str, kind: str, ratio: float | None, kv_bytes: float | None = None,
+                 setup_seconds: float = 0.0):
+        self.session, self.name, self.kind, self.ratio = session, name, kind, ratio
+        self.setup_seconds = setup_seconds
+        heads = [len(p.keys) for p in session.prefixes]
+        self.kv_tokens = sum(k.shape[0] for p in session.prefixes for k in p.keys) / sum(heads)
+        self.kv_bytes = kv_bytes if kv_bytes is not None else self.kv_tokens * kv_bytes_per_token(session.lm)
+
+    def answer_nll(self, qa: QA) -> float:
+        return self.session.answer_nll(qa.question, qa.answers[0])
+
+    def generate(self, qa: QA, max_new_tokens: int) -> tuple[str, dict]:
+        timings: dict = {}
+        text = "".join(self.session.stream(qa.question, max_new_tokens, timings))
+        return text.strip(), timings
+
+
+def pack_method(pack, lm: LoadedModel) -> SessionMethod:
+    """A pack, loaded as ``kvcompile query`` loads it; its bytes are the pack's KV payload."""
+    t0 = time.perf_counter()
+    session = Session(pack, lm)
+    kept = pack.kept
+    ratio = sum(map(sum, kept)) / (len(kept) * len(kept[0]) * pack.layout["tokens"])
+    o = pack.header["options"]
+    label = f"{o['ratio']:g}" if o.get("ratio") is not None else f"{o['budget']}tok"
+    sizes = pack.sizes()
+    return SessionMethod(session, f"kvcompile@{label}", "pack", ratio,
+                         kv_bytes=sizes["keys"] + sizes["values"] + sizes["positions"],
+                         setup_seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def prefill_method(lm: LoadedModel, framing: Framing, context_ids: list[int], name: str, kind: str,
+                   ratio: float | None = None) -> SessionMethod:
+    """``context_ids`` prefilled once with an ordinary forward pass and kept whole."""
+    t0 = time.perf_counter()
+    cache = DynamicCache(config=lm.config)
+    lm.model(torch.tensor([context_ids], device=lm.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefixes = [Prefix(list(layer.keys[0]), list(layer.values[0])) for layer in cache.layers]
+    session = Session.over(lm, framing, prefixes, len(context_ids))
+    return SessionMethod(session, name, kind, ratio, setup_seconds=time.perf_counter() - t0)
+
+
+class RagMethod(Method):
+    """BM25 over chunks of the corpus; the best chunks up to ``budget`` tokens are prefilled per question."""
+
+    kind = "rag"
+
+    def __init__(self, lm: LoadedModel, framing: Framing, doc_ids: list[list[int]], budget: int, chunk_tokens: int,
+                 name: str | None = None, ratio: float | None = None):
+        self.lm, self.framing = lm, framing
+        self.budget = budget - len(framing.prefix_ids)  # the framing counts against the budget too
+        self.chunks = chunk_documents(doc_ids, chunk_tokens)
+        t0 = time.perf_counter()
+        texts = [lm.tokenizer.decode(c.ids) for c in self.chunks]
+        self.retriever = Bm25Retriever(self.chunks, texts)
+        self.setup_seconds = time.perf_counter() - t0
+        self.name = name or (f"rag@{ratio:g}" if ratio is not None else "rag")
+        self.ratio = ratio
+        self.context_sizes: list[int] = []
+
+    def context(self, qa: QA) -> list[int]:
+        """Framing prefix plus the retrieved chunks' tokens, in corpus order."""
+        chunks = self.retriever.retrieve(qa.question, max(0, self.budget))
+        ids = list(self.framing.prefix_ids) + [t for c in chunks for t in c.ids]
+        self.context_sizes.append(len(ids))
+        return ids
+
+    @torch.no_grad()
+    def answer_nll(self, qa: QA) -> float:
+        a = answer_ids(self.lm, qa.answers[0])
+        x = self.context(qa) + self.framing.question_ids(self.lm.tokenizer, qa.question) + a
+        logits = self.lm.model(torch.tensor([x], device=self.lm.device), use_cache=False,
+                               logits_to_keep=len(a) + 1).logits
+        return _nll(logits[0, :-1], a)
+
+    def generate(self, qa: QA, max_new_tokens: int) -> tuple[str, dict]:
+        # Retrieval and the prefill of the retrieved chunks are part of the time to first token.
+        timings: dict = {}
+        t0 = time.perf_counter()
+        ids = self.context(qa) + self.framing.question_ids(self.lm.tokenizer, qa.question)
+        retrieval = time.perf_counter() - t0
+        tokens = greedy(self.lm, ids, DynamicCache(config=self.lm.config), max_new_tokens, timings=timings)
+        text = "".join(stream_text(self.lm, tokens)).strip()
+        timings["ttft"] += retrieval
+        return text, timings
+
+    @property
+    def kv_tokens(self) -> float:
+        return sum(self.context_sizes) / len(self.context_sizes) if self.context_sizes else 0.0
+
+    @property
+    def kv_bytes(self) -> float:
+        return self.kv_tokens * kv_bytes_per_token(self.lm)

@@ -1,0 +1,113 @@
+"""What ``kvcompile eval`` shows and writes: a terminal table, JSON, and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .run import MethodResult
+
+# Baselines first, then packs and peers by kept ratio (largest first).
+_ORDER = {"full": 0, "none": 1}
+
+
+def ordered(results: list[MethodResult]) -> list[MethodResult]:
+    return sorted(results, key=lambda r: (_ORDER.get(r.kind, 2), -(r.ratio or 0), r.kind != "pack", r.name))
+
+
+def table(results: list[MethodResult], title: str):
+    """A rich Table of every method's summary."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col in ("method", "kept", "KV bytes", "contains", "EM", "F1", "NLL", "gain kept", "TTFT s", "tok/s",
+                "peak mem"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for r in ordered(results):
+        s = r.summary()
+        t.add_row(r.name, _num(s["ratio"], "{:.0%}"), human_bytes(s["kv_bytes"]), _num(s["contains"], "{:.2f}"),
+                  _num(s["exact_match"], "{:.2f}"), _num(s["f1"], "{:.2f}"), _num(s["nll"], "{:.3f}"),
+                  _num(s["gain_kept"], "{:.2f}"), _num(s["ttft_s"], "{:.2f}"), _num(s["tokens_per_s"], "{:.1f}"),
+                  human_bytes(s["peak_memory"]))
+    return t
+
+
+def to_json(results: list[MethodResult], meta: dict) -> dict:
+    return {**meta, "methods": [r.to_json() for r in ordered(results)]}
+
+
+def write(results: list[MethodResult], meta: dict, out: Path, plot: bool = True) -> list[Path]:
+    """Write ``eval.json`` (and ``eval.png`` when ``plot``) under ``out``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "eval.json"]
+    paths[0].write_text(json.dumps(to_json(results, meta), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if plot and plot_quality(results, out / "eval.png", meta.get("title", "")):
+        paths.append(out / "eval.png")
+    return paths
+
+
+def plot_quality(results: list[MethodResult], path: Path, title: str = "") -> bool:
+    """Quality against KV bytes and against the kept ratio, one line per method family.
+
+    Quality is the share of the full context's NLL gain kept when ``none`` and ``full``
+    ran, else F1. Returns False (and writes nothing) when there is nothing to compare.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_gain = any(r.gain_kept is not None for r in results)
+    metric = "gain kept (share of full context's NLL gain)" if use_gain else "F1"
+
+    def quality(r: MethodResult) -> float:
+        return r.gain_kept if use_gain else r.summary()["f1"]
+
+    families: dict[str, list[MethodResult]] = {}
+    for r in results:
+        families.setdefault(r.name.split("@")[0], []).append(r)
+    if sum(len(v) for v in families.values()) < 2:
+        return False
+
+    fig, (ax_bytes, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for family, rs in sorted(families.items()):
+        rs = sorted(rs, key=lambda r: r.kv_bytes)
+        style = "o-" if family == "kvcompile" else ("s--" if family == "rag" else ".:")
+        width = 2.5 if family == "kvcompile" else 1.2
+        ax_bytes.plot([r.kv_bytes / 2**20 for r in rs], [quality(r) for r in rs], style, lw=width, label=family)
+        with_ratio = [r for r in rs if r.ratio is not None]
+        if with_ratio and family not in ("full", "none"):
+            ax_ratio.plot([r.ratio for r in with_ratio], [quality(r) for r in with_ratio], style, lw=width,
+                          label=family)
+    for r in results:
+        if r.kind in ("full", "none"):
+            ax_ratio.axhline(quality(r), color="gray", ls="-" if r.kind == "full" else ":", lw=1)
+            ax_ratio.annotate(r.kind, (0, quality(r)), xycoords=("axes fraction", "data"), fontsize=8, color="gray")
+    ax_bytes.set(xlabel="KV bytes the question attends to (MiB, fp16)", ylabel=metric, xscale="log")
+    ax_ratio.set(xlabel="kept ratio (token budget / corpus)", ylabel=metric, xscale="log")
+    ax_ratio.legend(fontsize=8, loc="best")
+    for ax in (ax_bytes, ax_ratio):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _num(x, fmt: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return fmt.format(x)
