@@ -33,13 +33,16 @@ import platform
 import re
 import shutil
 import statistics
-import string
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kvcompile.evaluation.metrics import contains  # noqa: E402
+
 T_START = time.perf_counter()
 
 DEFAULT_MODELS = "smollm2-135m,qwen2.5-coder-0.5b"
@@ -52,19 +55,6 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def normalize_answer(s: str) -> str:
-    """SQuAD's normalisation: lowercase, no punctuation, no articles, single spaces."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def contains_any(prediction: str, answers) -> bool:
-    pred = normalize_answer(prediction)
-    return any(normalize_answer(a) and normalize_answer(a) in pred for a in answers)
 
 
 def median(xs):
@@ -210,7 +200,7 @@ def answers(session, questions, max_new_tokens: int) -> dict:
     for qa in questions:
         a = session.ask(qa.question, max_new_tokens=max_new_tokens)
         rows.append({"id": qa.id, "question": qa.question, "gold": list(qa.answers), "answer": a.text,
-                     "correct": contains_any(a.text, qa.answers)})
+                     "correct": bool(contains(a.text, qa.answers))})
     return {"rows": rows, "correct": sum(r["correct"] for r in rows), "n": len(rows),
             "max_new_tokens": max_new_tokens}
 

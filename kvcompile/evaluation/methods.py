@@ -35,6 +35,12 @@ def kv_bytes_per_token(lm: LoadedModel, itemsize: int = 2) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
 
 
+def mean_kept(pack) -> float:
+    """Tokens a pack keeps per layer and KV head, on average: its token budget."""
+    kept = pack.kept
+    return sum(map(sum, kept)) / (len(kept) * len(kept[0]))
+
+
 class Method(ABC):
     """A context for the questions. ``kv_tokens``: tokens a question attends to per layer and
     KV head; ``kv_bytes``: their bytes (means over the questions asked, where they vary)."""
@@ -79,8 +85,7 @@ def pack_method(pack, lm: LoadedModel) -> SessionMethod:
     """A pack, loaded as ``kvcompile query`` loads it; its bytes are the pack's KV payload."""
     t0 = time.perf_counter()
     session = Session(pack, lm)
-    kept = pack.kept
-    ratio = sum(map(sum, kept)) / (len(kept) * len(kept[0]) * pack.layout["tokens"])
+    ratio = mean_kept(pack) / pack.layout["tokens"]
     o = pack.header["options"]
     label = f"{o['ratio']:g}" if o.get("ratio") is not None else f"{o['budget']}tok"
     sizes = pack.sizes()
@@ -117,14 +122,14 @@ class RagMethod(Method):
         self.setup_seconds = time.perf_counter() - t0
         self.name = name or (f"rag@{ratio:g}" if ratio is not None else "rag")
         self.ratio = ratio
-        self.context_sizes: list[int] = []
+        self.contexts: dict[str, list[int]] = {}  # by question: retrieved once, used by nll and generate
 
     def context(self, qa: QA) -> list[int]:
         """Framing prefix plus the retrieved chunks' tokens, in corpus order."""
-        chunks = self.retriever.retrieve(qa.question, max(0, self.budget))
-        ids = list(self.framing.prefix_ids) + [t for c in chunks for t in c.ids]
-        self.context_sizes.append(len(ids))
-        return ids
+        if qa.question not in self.contexts:
+            chunks = self.retriever.retrieve(qa.question, max(0, self.budget))
+            self.contexts[qa.question] = list(self.framing.prefix_ids) + [t for c in chunks for t in c.ids]
+        return self.contexts[qa.question]
 
     @torch.no_grad()
     def answer_nll(self, qa: QA) -> float:
@@ -147,7 +152,8 @@ class RagMethod(Method):
 
     @property
     def kv_tokens(self) -> float:
-        return sum(self.context_sizes) / len(self.context_sizes) if self.context_sizes else 0.0
+        sizes = [len(c) for c in self.contexts.values()]
+        return sum(sizes) / len(sizes) if sizes else 0.0
 
     @property
     def kv_bytes(self) -> float:

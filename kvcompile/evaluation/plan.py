@@ -10,7 +10,7 @@ from ..corpus import Document
 from ..errors import CorpusError, OptionError
 from ..models import LoadedModel
 from ..recipe import Recipe
-from .methods import Method, RagMethod, pack_method, prefill_method
+from .methods import Method, RagMethod, mean_kept, pack_method, prefill_method
 
 BASELINES = ("full", "rag", "none")
 
@@ -58,8 +58,7 @@ def plan(lm: LoadedModel, packs: Sequence, documents: Sequence[Document] | None,
     for pack in packs:
         makers.append(partial(pack_method, pack, lm))
         if "rag" in baselines:
-            kept = pack.kept
-            budget = round(sum(map(sum, kept)) / (len(kept) * len(kept[0])))
+            budget = round(mean_kept(pack))
             ratio = budget / pack.layout["tokens"]
             makers.append(partial(RagMethod, lm, tk.framing, tk.doc_ids, budget, rag_chunk, f"rag@{ratio:.2g}", ratio))
     return makers

@@ -37,12 +37,12 @@ def to_json(results: list[MethodResult], meta: dict) -> dict:
     return {**meta, "methods": [r.to_json() for r in ordered(results)]}
 
 
-def write(results: list[MethodResult], meta: dict, out: Path, plot: bool = True) -> list[Path]:
-    """Write ``eval.json`` (and ``eval.png`` when ``plot``) under ``out``; return the paths."""
+def write(results: list[MethodResult], meta: dict, out: Path) -> list[Path]:
+    """Write ``eval.json`` (and ``eval.png`` when there is something to compare) under ``out``; return the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "eval.json"]
     paths[0].write_text(json.dumps(to_json(results, meta), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    if plot and plot_quality(results, out / "eval.png", meta.get("title", "")):
+    if plot_quality(results, out / "eval.png", meta.get("title", "")):
         paths.append(out / "eval.png")
     return paths
 
@@ -100,11 +100,12 @@ def plot_quality(results: list[MethodResult], path: Path, title: str = "") -> bo
 def human_bytes(n: float | None) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "–"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return ""
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
 
 
 def _num(x, fmt: str) -> str:
