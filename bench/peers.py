@@ -266,13 +266,22 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def write(runs: list[dict], meta: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {**meta, "corpora": [{**{k: v for k, v in run.items() if k != "results"},
+                                 "methods": [r.to_json() for r in report.ordered(run["results"])]} for run in runs]}
+    (out / "peers.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    (out / "peers.md").write_text(markdown(runs, meta), encoding="utf-8")
+    plot(runs, out / "peers.png")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--corpora", default="squad:2,squad:8,squad:14,hotpotqa:0")  # ~4k tokens each
     ap.add_argument("--ratios", default="0.5,0.25,0.1")
-    ap.add_argument("--questions", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--questions", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "peers")
     args = ap.parse_args(argv)
@@ -292,21 +301,15 @@ def main(argv=None) -> int:
     window = 16
     checks = check_against_kvpress_hooks(lm, tk_check, window)
     log(f"captured path vs kvpress hooks (identical keys): {checks}")
+    meta = {"model": lm.name, "device": "CPU", "torch": torch.__version__, "threads": args.threads,
+            "kvpress": getattr(kvpress, "__version__", "0.5.5"), "date": time.strftime("%Y-%m-%d"),
+            "max_new_tokens": args.max_new_tokens, "hook_check": checks}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.corpora.split(","):
             log(f"{spec}:")
             runs.append(run_corpus(spec, lm, recipe, ratios, args.questions, args.max_new_tokens, Path(tmp), log))
-    meta = {"model": lm.name, "device": "CPU", "torch": torch.__version__, "threads": args.threads,
-            "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
-            "date": time.strftime("%Y-%m-%d"), "max_new_tokens": args.max_new_tokens,
-            "hook_check": checks}
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = {**meta, "corpora": [{**{k: v for k, v in run.items() if k != "results"},
-                                 "methods": [r.to_json() for r in report.ordered(run["results"])]} for run in runs]}
-    (args.out / "peers.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    (args.out / "peers.md").write_text(markdown(runs, meta), encoding="utf-8")
-    plot(runs, args.out / "peers.png")
+            write(runs, meta, args.out)  # after every corpus: a long run leaves its finished part behind
     log(f"wrote {args.out}/peers.{{md,json,png}}")
     return 0
 

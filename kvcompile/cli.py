@@ -71,7 +71,10 @@ def build(
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Tokens prefilled per chunk (recipe default: 2048)."),
     sinks: Optional[int] = typer.Option(None, "--sinks", help="First tokens always kept (recipe default: 4)."),
     scorer: str = typer.Option("task_aware", "--scorer", help="task_aware, or stride (an even-stride baseline)."),
-    doc_floor: Optional[float] = typer.Option(None, "--doc-floor", help="Share of each document's length-proportional budget it keeps at least, in [0, 1] (coverage)."),
+    context: str = typer.Option("independent", "--context", help="independent: each document compiled after the framing alone (an edit recompiles that document); chained: after what was kept of the documents before it (an edit recompiles from there on)."),
+    reuse: Optional[Path] = typer.Option(None, "--reuse", help="Reuse unchanged segments of this pack (default: the existing --output)."),
+    check: bool = typer.Option(False, "--check", help="Exit 0 if the pack is up to date, 1 (listing what is stale) if not; builds nothing, loads no model weights."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be reused, recompiled, added and dropped; build nothing."),
     dtype: str = typer.Option("fp16", "--dtype", help="Storage codec: fp16, bf16 or fp32."),
     text_field: str = typer.Option("text", "--text-field", help="Column holding the text in .jsonl/.json/.csv/.parquet files."),
     device: Optional[str] = DeviceOpt,
@@ -100,23 +103,55 @@ def build(
             scorer=scorer,
             codec=dtype,
         )
-        if doc_floor is not None:
-            options.doc_floor = doc_floor
+        options.context = context
         options.validate()
         from .codecs import get_codec
 
         get_codec(options.codec), options.make_scorer()  # fail on bad names before loading a model
+        if check or dry_run:
+            from .models import model_fingerprint
+            from .pipeline import plan
+
+            if check and dry_run:
+                raise OptionError("give --check or --dry-run, not both")
+            rebuild, skipped = plan(corpus, model_fingerprint(model), recipe, options,
+                                    reuse if reuse is not None else output, text_field)
+            _skipped(skipped)
+            _print_plan(rebuild, verbose=True)
+            if check:
+                raise typer.Exit(0 if rebuild.up_to_date else 1)
+            return
         lm = load_model(model, device=device, progress=not quiet)
         with _progress(quiet) as progress:
-            report = run_build(corpus, output, lm, recipe, options, text_field=text_field, progress=progress)
-        for s in report.skipped:
-            err.print(f"[yellow]skipped[/] {escape(s.path)}: {escape(s.reason)}", soft_wrap=True)
+            report = run_build(corpus, output, lm, recipe, options, text_field=text_field, progress=progress,
+                               reuse=reuse)
+        _skipped(report.skipped)
+        _print_plan(report.plan, verbose=False)
         kept = report.kept_tokens / report.full_tokens
         err.print(
             f"[green]wrote[/] {escape(report.output)}: {report.documents} documents, {report.cache_tokens} tokens, "
             f"kept {kept:.1%} ({_mib(report.bytes)}) in {report.seconds['total']:.1f} s",
             soft_wrap=True,
         )
+
+
+def _skipped(skipped) -> None:
+    for s in skipped:
+        err.print(f"[yellow]skipped[/] {escape(s.path)}: {escape(s.reason)}", soft_wrap=True)
+
+
+def _print_plan(rebuild, verbose: bool) -> None:
+    """What a (re)build reuses, recompiles, adds and drops: counts, and with ``verbose`` every change."""
+    c = rebuild.counts()
+    if rebuild.previous is None:
+        err.print(f"{rebuild.note}: compiling all {len(rebuild.documents)} documents")
+    else:
+        err.print(f"{c['reused']} reused, {c['recompiled']} recompiled, {c['added']} added, {c['dropped']} dropped "
+                  f"(against {escape(rebuild.previous)})" + (": up to date" if rebuild.up_to_date else ""))
+    if verbose:
+        for path, status in rebuild.status():
+            if status != "reused":
+                out.print(f"{status:10} {escape(path)}")
 
 
 @app.command()

@@ -162,6 +162,21 @@ def load_model(
     )
 
 
+def model_fingerprint(name: str | None = None) -> str:
+    """The fingerprint ``load_model(name)`` would give, reading only the tokenizer and
+    hashing the weight files (memoised), without loading the weights: ``build --check``."""
+    name = DEFAULT_MODEL if name is None else name
+    source, label = _resolve_model_dir(name, progress=False)
+    if not isinstance(source, Path):
+        return load_model(name, device="cpu", progress=False).fingerprint  # a Hub id: its files come with loading
+    with _quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as e:
+            raise ModelError(f"cannot load the tokenizer of {label}: {_short(e)}") from e
+    return fingerprint_of(source, tokenizer)
+
+
 def fingerprint_of(model_dir_or_gguf: Path, tokenizer: PreTrainedTokenizerBase, *, progress: bool = False) -> str:
     """Return the hex sha256 identifying a model's weights, tokenizer and chat template.
 

@@ -18,7 +18,7 @@ import torch
 import zstandard
 
 from . import __version__
-from .builder import BuildOptions, Compiled, segment_keys
+from .builder import BuildOptions, Compiled, Segment, segment_keys
 from .cache import PackCache, Prefix
 from .codecs import codec_for_pack, get_codec
 from .container import Container, tensor_bytes, write_container
@@ -122,7 +122,7 @@ def pack_tensors_and_header(
     kept = [[int(p.numel()) for p in layer] for layer in compiled.positions]
     tensors["positions"] = _zstd(encode_positions(compiled.positions))
 
-    seg_keys = segment_keys(documents, lm, recipe, options)
+    seg_keys = segment_keys(documents, lm.fingerprint, recipe, options)
     manifest, segments, offset = [], [], 0
     for i, (d, ids, key) in enumerate(zip(documents, tk.doc_ids, seg_keys)):
         manifest.append({"path": d.path, "sha256": d.sha256, "tokens": len(ids), "segment": i})
@@ -145,7 +145,8 @@ def pack_tensors_and_header(
         "options": {
             "ratio": options.ratio, "budget": options.budget, "chunk_size": options.chunk_size, "sinks": options.sinks,
             "scorer": {"name": options.scorer, **options.make_scorer().params()},
-            "selection": {"head_floor": options.head_floor, "doc_floor": options.doc_floor},
+            "selection": {"head_floor": options.head_floor},
+            "context": options.context,
             "codec": {"name": codec.name, **codec.params()},
         },
         "framing": tk.framing.to_json(),
@@ -343,6 +344,21 @@ class Pack:
         if hashlib.sha256(data).hexdigest() != c["manifest_sha256"]:
             raise PackError(f"{self.path}: corrupt pack (manifest checksum mismatch): rebuild it")
         return json.loads(data)
+
+    def segments(self, wanted: list[int]) -> dict[int, Segment]:
+        """Segments ``wanted`` (indices into ``header["segments"]``) cut out of the payload, as
+        the builder makes them: rows as stored, positions relative to the document's start."""
+        n_prefix = self.layout["tokens"] - self.header["corpus"]["tokens"]
+        spans = {j: [n_prefix + t for t in self.header["segments"][j]["tokens"]] for j in wanted}
+        out = {j: Segment([], [], []) for j in wanted}
+        for li in range(len(self.kept)):
+            keys, values = self.layer(li)
+            for j, (lo, hi) in spans.items():
+                rows = [(p >= lo) & (p < hi) for p in self.positions[li]]
+                out[j].keys.append([k[r] for k, r in zip(keys, rows)])
+                out[j].values.append([v[r] for v, r in zip(values, rows)])
+                out[j].positions.append([p[r] - lo for p, r in zip(self.positions[li], rows)])
+        return out
 
     def check_model(self, lm: LoadedModel) -> None:
         """Refuse a model other than the pack's, naming both."""

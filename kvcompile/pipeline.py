@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .builder import BuildOptions, check_fits, compile_corpus, tokenize
+from .builder import BuildOptions, check_fits, compile_corpus, segment_keys, tokenize
 from .corpus import Skipped, read_corpus
 from .models import LoadedModel
-from .pack import check_output, pack_tensors_and_header, write_pack
+from .pack import check_output, load, pack_tensors_and_header, write_pack
+from .rebuild import RebuildPlan, output_lock, plan_rebuild
 from .recipe import Recipe
 
 
@@ -24,7 +25,16 @@ class BuildReport:
     kept_tokens: int  # summed over layers and KV heads
     full_tokens: int  # cache_tokens x layers x KV heads
     bytes: int
+    plan: RebuildPlan
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def plan(paths: Sequence[str | os.PathLike], fingerprint: str, recipe: Recipe, options: BuildOptions,
+         previous: str | os.PathLike | None, text_field: str = "text") -> tuple[RebuildPlan, list[Skipped]]:
+    """Read the corpus and match it against ``previous`` (no model needed: ``--check``, ``--dry-run``)."""
+    options.validate()
+    documents, skipped = read_corpus(paths, text_field=text_field)
+    return plan_rebuild(documents, segment_keys(documents, fingerprint, recipe, options), previous), skipped
 
 
 def build(
@@ -35,26 +45,34 @@ def build(
     options: BuildOptions,
     text_field: str = "text",
     progress: Callable[[str, int, int], None] | None = None,
+    reuse: str | os.PathLike | None = None,
 ) -> BuildReport:
-    """Compile the corpus at ``paths`` into ``output`` (written atomically).
+    """Compile the corpus at ``paths`` into ``output`` (written atomically, under a lock).
 
-    ``progress(stage, done, total)`` is called during prefill (tokens) and writing.
+    Segments whose content key is in the previous pack (``reuse``, by default ``output``
+    itself when it exists) are copied from it instead of compiled. ``progress(stage,
+    done, total)`` is called during prefill (tokens) and writing.
     """
     options.validate()
     check_output(output)
-    t0 = time.perf_counter()
-    documents, skipped = read_corpus(paths, text_field=text_field)
-    tk = tokenize(documents, recipe, lm)
-    check_fits(tk, options, lm)
-    t1 = time.perf_counter()
-    report = (lambda n: progress("prefill", n, tk.total)) if progress else None
-    compiled = compile_corpus(tk, options, lm, progress=report)
-    t2 = time.perf_counter()
-    tensors, header = pack_tensors_and_header(compiled, documents, lm, recipe, options)
-    size = write_pack(output, tensors, header)
-    if progress:
-        progress("write", 1, 1)
-    t3 = time.perf_counter()
+    with output_lock(output):
+        t0 = time.perf_counter()
+        rebuild, skipped = plan(paths, lm.fingerprint, recipe, options, reuse if reuse is not None else output,
+                                text_field)
+        documents = rebuild.documents
+        tk = tokenize(documents, recipe, lm)
+        check_fits(tk, options, lm)
+        reused = load(rebuild.previous).segments(sorted(set(rebuild.reuse.values()))) if rebuild.reuse else {}
+        t1 = time.perf_counter()
+        report = (lambda n: progress("prefill", n, tk.total)) if progress else None
+        compiled = compile_corpus(tk, options, lm, progress=report,
+                                  reused={d: reused[j] for d, j in rebuild.reuse.items()})
+        t2 = time.perf_counter()
+        tensors, header = pack_tensors_and_header(compiled, documents, lm, recipe, options)
+        size = write_pack(output, tensors, header)
+        if progress:
+            progress("write", 1, 1)
+        t3 = time.perf_counter()
     cfg = lm.config
     return BuildReport(
         output=os.fspath(Path(output)),
@@ -64,5 +82,6 @@ def build(
         kept_tokens=sum(map(sum, header["cache"]["kept"])),
         full_tokens=tk.total * cfg.num_hidden_layers * cfg.num_key_value_heads,
         bytes=size,
+        plan=rebuild,
         seconds={"read": t1 - t0, **compiled.seconds, "compile": t2 - t1, "write": t3 - t2, "total": t3 - t0},
     )

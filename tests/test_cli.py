@@ -103,7 +103,7 @@ def test_inspect_json(cli_pack):
     assert tokens == header["cache"]["tokens"] > 500
     assert len(info["kept"]) == layers and all(len(row) == kv_heads for row in info["kept"])
     assert info["kept"] == header["cache"]["kept"]
-    assert info["kept_share"] == pytest.approx(0.5, abs=0.01)
+    assert info["kept_share"] == pytest.approx(0.5, abs=0.03)  # half of each document, and the framing whole
     assert info["bytes"]["file"] == out.stat().st_size
     assert info["bytes"]["full_fp16"] == 2 * layers * kv_heads * tokens * head_dim * 2
     assert len(info["documents"]) == 5 and info["recipe"] == "qa" and info["version"] == [1, 0]

@@ -116,7 +116,7 @@ def test_full_cached_method_matches_a_pack_at_ratio_one(tiny_lm, tiny_corpus, tm
     from kvcompile.recipe import load_recipe
 
     path = tmp_path / "full.kvpack"
-    build([tiny_corpus], path, tiny_lm, load_recipe("qa"), BuildOptions(ratio=1.0, chunk_size=64, codec="fp32"))
+    build([tiny_corpus], path, tiny_lm, load_recipe("qa"), BuildOptions(ratio=1.0, chunk_size=64, codec="fp32", context="chained"))
     docs, _ = read_corpus([tiny_corpus])
     tk = tokenize(docs, load_recipe("qa"), tiny_lm)
     full = prefill_method(tiny_lm, tk.framing, tk.stream(), "full", "full", 1.0)
@@ -191,7 +191,7 @@ def test_eval_sweep_on_a_dataset_writes_json_and_plot(tiny_model_dir, tmp_path):
                     "--baselines", "full,none", "--max-new-tokens", 3, "--out", out)
     assert sorted(m["name"] for m in data["methods"]) == ["full", "kvcompile@0.25", "kvcompile@0.5", "none"]
     assert (out / "eval.json").is_file() and (out / "eval.png").stat().st_size > 1000
-    assert sorted(p.name for p in (out / "packs").iterdir()) == ["qa-0.25.kvpack", "qa-0.5.kvpack"]
+    assert sorted(p.name for p in (out / "packs").glob("*.kvpack")) == ["qa-0.25.kvpack", "qa-0.5.kvpack"]
 
 
 def one_error(result, *needles):

@@ -103,9 +103,10 @@ def test_cache_section_matches_the_tensors(pack):
     assert cache["question_position"] == cache["tokens"]
     kept = cache["kept"]
     assert len(kept) == m["num_layers"] and all(len(row) == m["num_kv_heads"] for row in kept)
-    # Ratio 0.5: each layer keeps half of the cache's tokens, summed over its KV heads.
+    # Ratio 0.5: each layer keeps the framing and half of each document, summed over its KV heads.
+    per_head = len(framing["prefix_ids"]) + sum(round(0.5 * d["tokens"]) for d in pack.manifest())
     for row in kept:
-        assert sum(row) == round(0.5 * cache["tokens"]) * m["num_kv_heads"]
+        assert sum(row) == per_head * m["num_kv_heads"]
     for li, entry in enumerate(cache["layers"]):
         for part in ("keys", "values"):
             assert entry[part]["codec"] == "fp16"

@@ -1,0 +1,105 @@
+"""Rebuilding a pack: what can be reused from a previous one, and guarding the output.
+
+A segment is reused when its content key (:func:`kvcompile.builder.segment_keys`) is
+found in the previous pack: same document, model, recipe, options and context. Nothing
+here loads the model, so ``build --check`` and ``--dry-run`` are cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .corpus import Document
+from .errors import OptionError, PackError
+
+@dataclass
+class RebuildPlan:
+    """Per document of the new corpus: ``reuse[d]`` = the previous pack's segment index, if reusable."""
+
+    documents: list[Document]
+    keys: list[str]
+    reuse: dict[int, int] = field(default_factory=dict)
+    previous: str | None = None  # path of the previous pack, when one was read
+    previous_paths: list[str] = field(default_factory=list)
+    note: str | None = None  # why nothing could be reused, when so
+
+    def status(self) -> list[tuple[str, str]]:
+        """``(path, reused | recompiled | added)`` per document, then ``(path, dropped)``."""
+        old = set(self.previous_paths)
+        rows = [(d.path, "reused" if i in self.reuse else "recompiled" if d.path in old else "added")
+                for i, d in enumerate(self.documents)]
+        new = {d.path for d in self.documents}
+        return rows + [(p, "dropped") for p in self.previous_paths if p not in new]
+
+    def counts(self) -> dict[str, int]:
+        c = {"reused": 0, "recompiled": 0, "added": 0, "dropped": 0}
+        for _, s in self.status():
+            c[s] += 1
+        return c
+
+    @property
+    def up_to_date(self) -> bool:
+        """The previous pack is exactly what a build would write (every segment reused in place)."""
+        return (self.previous is not None and len(self.previous_paths) == len(self.documents)
+                and all(self.reuse.get(i) == i for i in range(len(self.documents))))
+
+
+def plan_rebuild(documents: list[Document], keys: list[str], previous: str | os.PathLike | None) -> RebuildPlan:
+    """Match the new segments' keys against the pack at ``previous`` (if it exists and reads)."""
+    from .pack import load
+
+    plan = RebuildPlan(documents, keys)
+    if previous is None or not Path(previous).exists():
+        plan.note = "no previous pack"
+        return plan
+    try:
+        old = load(previous)
+        manifest = old.manifest()
+    except PackError as e:
+        plan.note = f"previous pack unusable ({e})"
+        return plan
+    plan.previous = os.fspath(previous)
+    plan.previous_paths = [m["path"] for m in manifest]
+    where = {seg["key"]: j for j, seg in enumerate(old.header["segments"])}
+    plan.reuse = {i: where[k] for i, k in enumerate(keys) if k in where}
+    return plan
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside ``output`` for the whole build; refuse if another build holds it.
+
+    ``flock`` locks die with their process, so a killed build never leaves a stale lock.
+    Holding it, stale temporary files of killed builds (``.NAME.*.tmp``) are removed.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = output.with_name(f".{output.name}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise OptionError(f"cannot create the lock {lock_path}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OptionError(f"another build is writing {output} (it holds {lock_path}): "
+                              "wait for it to finish") from None
+        remove_stale_temporaries(output)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_stale_temporaries(output: Path) -> list[Path]:
+    """Delete ``.NAME.*.tmp`` files left beside ``output`` by killed builds (call with the lock held)."""
+    removed = []
+    for tmp in output.parent.glob(f".{output.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
