@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .attention import use_pack_attention
-from .codecs import get_codec
 from .cache import PackCache, Prefix
+from .codecs import get_codec
 from .corpus import Document
 from .errors import CorpusError, OptionError
 from .framing import Framing, document_text, frame

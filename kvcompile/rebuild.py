@@ -17,6 +17,7 @@ from typing import Iterator
 from .corpus import Document
 from .errors import OptionError, PackError
 
+
 @dataclass
 class RebuildPlan:
     """Per document of the new corpus: ``reuse[d]`` = the previous pack's segment index, if reusable."""

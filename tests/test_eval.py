@@ -116,7 +116,8 @@ def test_full_cached_method_matches_a_pack_at_ratio_one(tiny_lm, tiny_corpus, tm
     from kvcompile.recipe import load_recipe
 
     path = tmp_path / "full.kvpack"
-    build([tiny_corpus], path, tiny_lm, load_recipe("qa"), BuildOptions(ratio=1.0, chunk_size=64, codec="fp32", context="chained"))
+    options = BuildOptions(ratio=1.0, chunk_size=64, codec="fp32", context="chained")
+    build([tiny_corpus], path, tiny_lm, load_recipe("qa"), options)
     docs, _ = read_corpus([tiny_corpus])
     tk = tokenize(docs, load_recipe("qa"), tiny_lm)
     full = prefill_method(tiny_lm, tk.framing, tk.stream(), "full", "full", 1.0)

@@ -36,7 +36,8 @@ def full_prompt_logits(lm, corpus, session, question: str) -> torch.Tensor:
 
 
 def check_exact(lm, corpus, path, chunk_size: int) -> float:
-    build([corpus], path, lm, load_recipe("qa"), BuildOptions(ratio=1.0, chunk_size=chunk_size, codec="fp32", context="chained"))
+    options = BuildOptions(ratio=1.0, chunk_size=chunk_size, codec="fp32", context="chained")
+    build([corpus], path, lm, load_recipe("qa"), options)
     session = kvcompile.load(path).session(lm)
     worst = 0.0
     for q in QUESTIONS:
