@@ -45,7 +45,7 @@ class BuildOptions:
     scorer_params: dict = field(default_factory=dict)
     codec: str = "fp16"
     head_floor: float = 0.2
-    context: str = "independent"  # what each document is compiled after: "independent" or "chained"
+    context: str = "chained"  # what each document is compiled after: "independent" or "chained"
 
     def validate(self) -> None:
         if self.budget is None and self.ratio is None:
