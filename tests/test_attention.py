@@ -276,20 +276,3 @@ def test_layer_budget_grows_with_the_corpus_seen():
     # Never below the share of the corpus seen so far.
     for seen in range(1, total + 1, 37):
         assert layer_budget(target, seen, total, heads) >= heads * target * seen / total
-
-
-def test_select_document_floor_guarantees_coverage():
-    """With a document floor, a document the scores ignore still keeps its share."""
-    n = 40
-    scores = [torch.cat([torch.linspace(2, 1, n // 2), torch.linspace(0.5, 0.1, n // 2)]) for _ in range(2)]
-    protected = [torch.zeros(n, dtype=torch.bool) for _ in range(2)]
-    groups = [torch.cat([torch.zeros(n // 2, dtype=torch.long), torch.ones(n // 2, dtype=torch.long)])] * 2
-    share = torch.tensor([0.5, 0.5])
-    budget = 20
-    without = select(scores, budget, protected, head_floor=0.0)
-    assert all((k >= n // 2).sum() == 0 for k in without)  # everything went to document 0
-    with_floor = select(scores, budget, protected, head_floor=0.0, groups=groups, group_share=share, group_floor=1.0)
-    in_doc1 = sum(int((k >= n // 2).sum()) for k in with_floor)
-    assert in_doc1 == budget // 2 and _kept_total(with_floor) == budget
-    # Within document 1 the best scores (earliest positions here) win.
-    assert all(set(k[k >= n // 2].tolist()) <= set(range(n // 2, n // 2 + 5)) for k in with_floor)
