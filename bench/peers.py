@@ -282,6 +282,7 @@ def read_runs(path: Path) -> tuple[list[dict], dict]:
     for c in data.pop("corpora"):
         results = [MethodResult(m["name"], m["kind"], m["ratio"], m["kv_bytes"], m["kv_tokens"], m["setup_s"],
                                 m["peak_memory"], m["rows"], m["gain_kept"]) for m in c.pop("methods")]
+        c["build_s"] = {float(r): t for r, t in c["build_s"].items()}  # JSON made the ratios strings
         runs.append({**c, "results": results})
     return runs, data
 
