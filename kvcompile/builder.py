@@ -110,8 +110,6 @@ class Compiled:
     positions: list[list[torch.Tensor]]
     tokenized: Tokenized
     seconds: dict[str, float] = field(default_factory=dict)
-    segments: list = field(default_factory=list)  # one Segment per document
-    recompiled: list[int] = field(default_factory=list)  # documents compiled (not reused)
 
 
 def tokenize(documents: list[Document], recipe: Recipe, lm: LoadedModel) -> Tokenized:
@@ -213,9 +211,10 @@ class _Compiler:
                        [[p.to(self.device) + origin for p in pl] for pl in seg.positions])
 
     @torch.no_grad()
-    def segment(self, ids: list[int], origin: int, context: Segment, target: int, protect: int,
+    def segment(self, ids: list[int], origin: int, context: list[Segment], target: int, protect: int,
                 progress=None) -> Segment:
-        """Compile one document's tokens at positions ``origin...`` after ``context``.
+        """Compile one document's tokens at positions ``origin...`` after ``context`` (attendable
+        segments, in order).
 
         Chunked prefill ``[context | kept of this document | chunk | task prompt]``; the
         layer's budget (``target`` per head on average) grows with the share of the
@@ -234,8 +233,10 @@ class _Compiler:
             budget = layer_budget(target, end, len(ids), kv_heads)
             needs_scores = budget < sum(p.numel() for p in positions[0]) + kv_heads * chunk.numel()
             n_probe = self.probe.numel() if needs_scores else 0
-            prefixes = [Prefix([torch.cat([c, k]) for c, k in zip(ck, kk)], [torch.cat([c, v]) for c, v in zip(cv, vv)])
-                        for ck, kk, cv, vv in zip(context.keys, keys, context.values, values)]
+            heads = range(kv_heads)
+            prefixes = [Prefix([torch.cat([*(s.keys[li][h] for s in context), keys[li][h]]) for h in heads],
+                               [torch.cat([*(s.values[li][h] for s in context), values[li][h]]) for h in heads])
+                        for li in range(self.layers)]
             cache = PackCache(prefixes, start=origin + start, capture_queries=n_probe)
             t0 = time.perf_counter()
             x = torch.cat([chunk, self.probe]) if n_probe else chunk
@@ -304,14 +305,14 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progre
     framing_ctx = c.attendable(framing, 0)
 
     segments: list[Segment] = []
-    context = framing_ctx
+    context = [framing_ctx]  # chained: grows by each placed segment; concatenated once per chunk
     done = n_prefix
     for d, ids in enumerate(tk.doc_ids):
         if d in reused:
             seg = reused[d]
         else:
             origin = n_prefix if options.context == "independent" else starts[d]
-            base = framing_ctx if options.context == "independent" else context
+            base = [framing_ctx] if options.context == "independent" else context
             report = (lambda n, done=done: progress(done + n)) if progress else None
             seg = c.segment(ids, origin, base, max(1, round(ratio * len(ids))), options.sinks - starts[d], report)
         segments.append(seg)
@@ -319,12 +320,7 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progre
         if progress is not None:
             progress(done)
         if options.context == "chained":
-            placed = c.attendable(seg, starts[d])
-            context = Segment([[torch.cat([a, b]) for a, b in zip(x, y)] for x, y in zip(context.keys, placed.keys)],
-                              [[torch.cat([a, b]) for a, b in zip(x, y)]
-                               for x, y in zip(context.values, placed.values)],
-                              [[torch.cat([a, b]) for a, b in zip(x, y)]
-                               for x, y in zip(context.positions, placed.positions)])
+            context.append(c.attendable(seg, starts[d]))
 
     def assemble(part: str) -> list[list[torch.Tensor]]:
         out = []
@@ -339,5 +335,4 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progre
             out.append(heads)
         return out
 
-    return Compiled(assemble("keys"), assemble("values"), assemble("positions"), tk, c.seconds,
-                    segments=segments, recompiled=[d for d in range(len(tk.doc_ids)) if d not in reused])
+    return Compiled(assemble("keys"), assemble("values"), assemble("positions"), tk, c.seconds)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from .builder import BuildOptions, check_fits, compile_corpus, segment_keys, tokenize
 from .corpus import Skipped, read_corpus
 from .models import LoadedModel
-from .pack import check_output, load, pack_tensors_and_header, write_pack
+from .pack import check_output, pack_tensors_and_header, write_pack
 from .rebuild import RebuildPlan, output_lock, plan_rebuild
 from .recipe import Recipe
 
@@ -62,7 +62,7 @@ def build(
         documents = rebuild.documents
         tk = tokenize(documents, recipe, lm)
         check_fits(tk, options, lm)
-        reused = load(rebuild.previous).segments(sorted(set(rebuild.reuse.values()))) if rebuild.reuse else {}
+        reused = rebuild.pack.segments(sorted(set(rebuild.reuse.values()))) if rebuild.reuse else {}
         t1 = time.perf_counter()
         report = (lambda n: progress("prefill", n, tk.total)) if progress else None
         compiled = compile_corpus(tk, options, lm, progress=report,

@@ -16,6 +16,7 @@ from typing import Iterator
 
 from .corpus import Document
 from .errors import OptionError, PackError
+from .pack import Pack, load
 
 
 @dataclass
@@ -25,9 +26,14 @@ class RebuildPlan:
     documents: list[Document]
     keys: list[str]
     reuse: dict[int, int] = field(default_factory=dict)
-    previous: str | None = None  # path of the previous pack, when one was read
+    pack: Pack | None = field(default=None, repr=False)  # the previous pack, when one was read
     previous_paths: list[str] = field(default_factory=list)
     note: str | None = None  # why nothing could be reused, when so
+
+    @property
+    def previous(self) -> str | None:
+        """Path of the previous pack, when one was read."""
+        return self.pack.path if self.pack is not None else None
 
     def status(self) -> list[tuple[str, str]]:
         """``(path, reused | recompiled | added)`` per document, then ``(path, dropped)``."""
@@ -52,8 +58,6 @@ class RebuildPlan:
 
 def plan_rebuild(documents: list[Document], keys: list[str], previous: str | os.PathLike | None) -> RebuildPlan:
     """Match the new segments' keys against the pack at ``previous`` (if it exists and reads)."""
-    from .pack import load
-
     plan = RebuildPlan(documents, keys)
     if previous is None or not Path(previous).exists():
         plan.note = "no previous pack"
@@ -64,7 +68,7 @@ def plan_rebuild(documents: list[Document], keys: list[str], previous: str | os.
     except PackError as e:
         plan.note = f"previous pack unusable ({e})"
         return plan
-    plan.previous = os.fspath(previous)
+    plan.pack = old
     plan.previous_paths = [m["path"] for m in manifest]
     where = {seg["key"]: j for j, seg in enumerate(old.header["segments"])}
     plan.reuse = {i: where[k] for i, k in enumerate(keys) if k in where}

@@ -101,16 +101,11 @@ class Session:
 
 
 @torch.no_grad()
-def greedy(
-    lm: LoadedModel, ids: list[int], cache, max_new_tokens: int, position: int | None = None,
-    timings: dict | None = None,
-) -> Iterator[int]:
+def greedy(lm: LoadedModel, ids: list[int], cache, max_new_tokens: int, timings: dict | None = None) -> Iterator[int]:
     """Greedy decoding: yield each new token id of the answer to ``ids`` until EOS.
 
     ``cache`` is any transformers cache holding the context (a pack's, or a plain
-    prefilled one). ``position`` is the RoPE position of ``ids[0]`` when it differs from
-    the cache's length (a cache pruned without re-rotation); None lets the model count.
-    ``timings`` as in :meth:`Session.stream`.
+    prefilled one). ``timings`` as in :meth:`Session.stream`.
     """
     model, eos = lm.model, set(_eos_ids(lm))
     x = torch.tensor([ids], device=lm.device)
@@ -118,11 +113,7 @@ def greedy(
     t_first = None
     n = 0
     for _ in range(max_new_tokens):
-        kwargs = {}
-        if position is not None:
-            kwargs["position_ids"] = torch.arange(position, position + x.shape[1], device=lm.device)[None]
-            position += x.shape[1]
-        logits = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs).logits[0, -1]
+        logits = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         nxt = int(logits.argmax())
         if t_first is None:
             t_first = time.perf_counter()
