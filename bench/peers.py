@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kvcompile.builder import BuildOptions, tokenize  # noqa: E402
-from kvcompile.cache import Prefix  # noqa: E402
+from kvcompile.cache import forward  # noqa: E402
 from kvcompile.corpus import read_corpus  # noqa: E402
 from kvcompile.data.synthetic import write_corpus  # noqa: E402
 from kvcompile.evaluation import report  # noqa: E402
@@ -44,6 +44,7 @@ from kvcompile.evaluation.run import MethodResult, evaluate  # noqa: E402
 from kvcompile.models import load_model  # noqa: E402
 from kvcompile.pack import load  # noqa: E402
 from kvcompile.pipeline import build  # noqa: E402
+from kvcompile.ragged import RaggedKV  # noqa: E402
 from kvcompile.recipe import load_recipe  # noqa: E402
 from kvcompile.session import Session  # noqa: E402
 
@@ -97,7 +98,7 @@ def capture(lm, ids: list[int]) -> list[tuple]:
              for i, m in enumerate(mods)]
     cache = DynamicCache(config=lm.config)
     try:
-        lm.model(torch.tensor([ids], device=lm.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        forward(lm.model, torch.tensor([ids], device=lm.device), cache, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()
@@ -107,7 +108,7 @@ def capture(lm, ids: list[int]) -> list[tuple]:
 
 
 @torch.no_grad()
-def compress(press, lm, captured, context_len: int, ratio: float) -> list[Prefix]:
+def compress(press, lm, captured, context_len: int, ratio: float) -> list[RaggedKV]:
     """Score every layer with ``press`` and keep, per KV head, the ``ratio * context_len`` best corpus tokens.
 
     All six presses are score-then-top-k (kvpress's ``ScorerPress.compress``; Finch's
@@ -116,13 +117,13 @@ def compress(press, lm, captured, context_len: int, ratio: float) -> list[Prefix
     of it on the task prompt.
     """
     n = max(1, round(ratio * context_len))
-    prefixes = []
+    kv = []
     for module, (hs, keys, values, kwargs) in zip(attention_modules(lm.model), captured):
         scores = press.score(module, hs, keys, values, None, kwargs)[0, :, :context_len]
-        idx = scores.topk(n, dim=-1).indices.sort(dim=-1).values
-        prefixes.append(Prefix([keys[0, h, i] for h, i in enumerate(idx)],
-                               [values[0, h, i] for h, i in enumerate(idx)]))
-    return prefixes
+        idx = scores.topk(n, dim=-1).indices.sort(dim=-1).values  # [kv_heads, n]: equal budgets
+        rows = idx[:, :, None].expand(-1, -1, keys.shape[-1])
+        kv.append(RaggedKV.from_dense(keys[0].gather(1, rows), values[0].gather(1, rows), idx))
+    return kv
 
 
 @torch.no_grad()

@@ -118,18 +118,11 @@ def sdpa_forward(lm, ids: list[int]):
     """One ordinary forward (SDPA attention, no pack) of ``ids``: (seconds, last logits)."""
     import torch
 
-    from kvcompile.attention import use_pack_attention
-
-    model = lm.model
-    model.set_attn_implementation("sdpa")
-    try:
-        x = torch.tensor([ids], dtype=torch.long, device=lm.device)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            logits = model(x, logits_to_keep=1).logits[0, -1].float()
-            dt = time.perf_counter() - t0
-    finally:
-        use_pack_attention(model)  # back to "kvcompile"
+    x = torch.tensor([ids], dtype=torch.long, device=lm.device)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits = lm.model(x, logits_to_keep=1).logits[0, -1].float()
+        dt = time.perf_counter() - t0
     return dt, logits
 
 

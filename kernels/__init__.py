@@ -1,8 +1,45 @@
 """Triton kernels, installed as ``kvcompile.kernels``.
 
-Every kernel has a plain PyTorch reference elsewhere in kvcompile that is the spec
-(``kvcompile.attention.ragged_attention`` for attention over a pack); kernels are tested
-against it on CPU with ``TRITON_INTERPRET=1`` and used on CUDA devices. None ships yet:
-the fp16/bf16/fp32 packs of format 1.0 need no decompression, and the reference
-attention is used everywhere.
+- :func:`ragged_attention` (``attention.py``): flash-decoding attention of ``query [B, Hq, q_len, D]``
+  over a ragged per-KV-head prefix (``prefix_keys/values [N, D]`` split by ``offsets [H + 1]``)
+  followed by the dense, causal new tokens (``keys/values [B, H, t, D]``); returns
+  ``[B, q_len, Hq, D]``. One launch per layer, plus a small combine launch when the key range
+  is split across programs.
+- :func:`rope` (``rope.py``): rotate stored pre-RoPE keys ``[N, D]`` to their positions
+  (``rotate_half`` convention, partial rotary), one launch per layer.
+
+Each kernel sits next to its plain PyTorch reference (:func:`ragged_attention_reference`,
+:func:`rope_reference`), which is the spec: ``tests/test_kernels.py`` compares them on CPU under
+``TRITON_INTERPRET=1`` and ``tests/test_kernels_cuda.py`` on a GPU.
+
+Importing this package never needs triton: the names above are loaded on first access, and
+:func:`triton_available` tells whether they can be.
 """
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+_EXPORTS = {
+    "ragged_attention": "attention",
+    "ragged_attention_reference": "attention",
+    "choose_num_splits": "attention",
+    "rope": "rope",
+    "rope_reference": "rope",
+}
+
+__all__ = ["triton_available", *_EXPORTS]
+
+
+def triton_available() -> bool:
+    """Whether triton is installed (the kernels still need a CUDA device, or ``TRITON_INTERPRET=1``)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def __getattr__(name: str):
+    # Lazy: `import kvcompile.kernels` must work without triton; only using a kernel imports it.
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,24 +1,40 @@
-"""Attention over a ragged, per-head compressed prefix plus the dense new tokens.
+"""Attention over a pack's ragged prefix plus the dense new tokens, one call per layer.
 
-A pack keeps a different number of tokens for each KV head (per-head budgets), so the
-cached prefix is a list of ``[n_h, head_dim]`` tensors, one per KV head, and nothing is
-padded. Tokens that arrive after it (a question, generated tokens, or at build time the
-next corpus chunk and the task prompt) are stored densely, ``[batch, kv_heads, t,
-head_dim]``, and attend causally among themselves and to the whole prefix.
+A pack keeps a different number of tokens per KV head, stored ragged
+(:class:`~kvcompile.ragged.RaggedKV`). Tokens that arrive after it (a question,
+generated tokens, or at build time the next corpus chunk and the task prompt) are dense,
+``[batch, kv_heads, t, head_dim]``, and attend causally among themselves and to the
+whole prefix of their head.
 
-:func:`ragged_attention` is the reference: plain PyTorch, one SDPA call per KV head, so
-it runs anywhere. It is registered with transformers' ``AttentionInterface`` under the
-name ``"kvcompile"``; :class:`kvcompile.cache.PackCache` hands it its layer through the
-``key`` argument (see ``PackLayer.update``).
+Two implementations of the same function, both one call per layer for all heads:
+
+- on CUDA, the Triton kernel :func:`kvcompile.kernels.attention.ragged_attention`, which
+  reads the ragged rows directly (flash-decoding, split over the prefix);
+- elsewhere, :func:`padded_attention`: the layer's prefix is padded to its longest head
+  once per question (:class:`~kvcompile.cache.PackLayer` keeps it in the same buffer as
+  the new tokens), and a single SDPA call with a mask attends over it. Padding costs
+  compute, not storage: the pack and the loaded prefix stay ragged.
+
+Both are registered with transformers' ``AttentionInterface`` as ``"kvcompile"``. The
+model is switched to it only inside :func:`pack_attention`, and back on exit.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import cache
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
 ATTN_IMPLEMENTATION = "kvcompile"
+
+# cuDNN attention builds a new plan for every new shape, and a decode step's shape is new
+# every step; these backends do not re-plan (only reached on CUDA when the kernel is off).
+_STABLE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
@@ -32,38 +48,47 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor |
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
 
 
-def ragged_attention(
-    query: torch.Tensor,
-    prefix_keys: list[torch.Tensor],
-    prefix_values: list[torch.Tensor],
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor:
-    """Attention of ``query`` over ``[prefix of each KV head | dense new tokens]``.
+def padded_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix_valid: torch.Tensor,
+                     pad: int, scaling: float) -> torch.Tensor:
+    """The reference: one SDPA call over ``[prefix padded to pad | new tokens]``.
 
     query: ``[batch, q_heads, q_len, head_dim]``, the last ``q_len`` of the new tokens.
-    prefix_keys, prefix_values: per KV head ``[n_h, head_dim]``, shared by the batch.
-    keys, values: ``[batch, kv_heads, t, head_dim]``, the new tokens (``t >= q_len``).
-    Returns ``[batch, q_heads, q_len, head_dim]``.
+    keys, values: ``[batch, kv_heads, pad + t, head_dim]``: each head's prefix padded to
+        ``pad`` rows, then the ``t`` new tokens.
+    prefix_valid: ``[1, q_heads, 1, pad + t]`` bool, False on padding (new tokens True).
+    Returns ``[batch, q_len, q_heads, head_dim]`` (transformers' layout).
     """
-    batch, q_heads, q_len, head_dim = query.shape
-    kv_heads, t = keys.shape[1], keys.shape[2]
-    group = q_heads // kv_heads
-    out = []
-    for h in range(kv_heads):
-        pk, pv = prefix_keys[h], prefix_values[h]
-        n = pk.shape[0]
-        k = torch.cat([pk.expand(batch, 1, n, head_dim), keys[:, h : h + 1]], dim=2)
-        v = torch.cat([pv.expand(batch, 1, n, head_dim), values[:, h : h + 1]], dim=2)
-        q = query[:, h * group : (h + 1) * group]
-        mask = causal_mask(q_len, n + t, query.device)
-        out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True))
-    return torch.cat(out, dim=1)
+    q_len, kv_len = query.shape[2], keys.shape[2]
+    mask = prefix_valid
+    if q_len > 1:  # new token i sees new tokens up to itself
+        causal = causal_mask(q_len, kv_len - pad, query.device)
+        heads = prefix_valid.shape[1]
+        mask = torch.cat([prefix_valid[..., :pad].expand(-1, -1, q_len, -1), causal.expand(1, heads, -1, -1)], dim=-1)
+    if query.is_cuda:
+        with sdpa_kernel(_STABLE_BACKENDS):
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+@cache
+def _kernel():
+    """The Triton kernel, or None where Triton is missing (then CUDA uses the reference too)."""
+    try:
+        from .kernels import attention
+    except ImportError:
+        return None
+    return attention.ragged_attention
+
+
+def uses_kernel(device: torch.device) -> bool:
+    """Whether attention on ``device`` runs the Triton kernel (else the padded reference)."""
+    return device.type == "cuda" and _kernel() is not None
 
 
 def kvcompile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The function transformers calls in place of SDPA once ``"kvcompile"`` is selected.
+    """The function transformers calls once ``"kvcompile"`` is selected.
 
     With a :class:`~kvcompile.cache.PackLayer` as ``key`` it attends over the pack; with
     plain tensors (no pack cache in use) it is ordinary causal attention, so a model
@@ -77,17 +102,29 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
             mask = attention_mask
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
-    out = ragged_attention(query, layer.prefix_keys, layer.prefix_values, layer.keys, layer.values, scaling)
     if layer.capture_queries:
         # The scorer reads the probe tokens' queries after the forward pass.
         layer.queries = query[:, :, -layer.capture_queries :].detach()
-    return out.transpose(1, 2).contiguous(), None
+    if layer.pad is None:
+        p = layer.prefix
+        out = _kernel()(query, p.keys, p.values, p.offsets, p.max_len, layer.new_keys, layer.new_values, scaling)
+        return out, None
+    out = padded_attention(query, layer.padded_keys, layer.padded_values, layer.valid_mask(query.shape[1]),
+                           layer.pad, scaling)
+    return out.contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvcompile_attention)
 
 
-def use_pack_attention(model: torch.nn.Module) -> None:
-    """Switch ``model`` to the ``"kvcompile"`` attention implementation (idempotent)."""
-    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+@contextmanager
+def pack_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside the block, ``model`` attends with ``"kvcompile"``; on exit, as it was before."""
+    previous = model.config._attn_implementation
+    if previous != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        yield model
+    finally:
+        if previous != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(previous)

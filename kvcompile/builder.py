@@ -20,15 +20,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .attention import use_pack_attention
-from .cache import PackCache, Prefix
+from .attention import pack_attention
+from .cache import PackCache, forward
 from .codecs import get_codec
 from .corpus import Document
 from .errors import CorpusError, OptionError
 from .framing import Framing, document_text, frame
 from .models import LoadedModel
+from .ragged import RaggedKV
 from .recipe import Recipe
-from .rope import Rotary
+from .rope import Rotary, place
 from .scorers import LayerView, Scorer, make_scorer
 from .selection import layer_budget, select
 
@@ -97,17 +98,17 @@ class Tokenized:
         return self.prefix_ids + [t for d in self.doc_ids for t in d]
 
 
+# One document's kept KV: one RaggedKV per layer, rows as stored (pre-RoPE keys, through
+# the codec's round trip), positions relative to the document's first token.
+Segment = list[RaggedKV]
+
+
 @dataclass
 class Compiled:
-    """The result of compilation, before encoding: per layer, per KV head.
+    """The result of compilation, before encoding: one :class:`RaggedKV` per layer, rows
+    as stored (pre-RoPE keys, the codec's round trip), positions absolute, on the CPU."""
 
-    keys: pre-RoPE ``[kept, head_dim]``; values ``[kept, head_dim]`` (as stored, through the
-    codec); positions ``[kept]``, absolute.
-    """
-
-    keys: list[list[torch.Tensor]]
-    values: list[list[torch.Tensor]]
-    positions: list[list[torch.Tensor]]
+    layers: list[RaggedKV]
     tokenized: Tokenized
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -144,16 +145,6 @@ def check_fits(tk: Tokenized, options: BuildOptions, lm: LoadedModel) -> None:
 CONTEXT_MODES = ("independent", "chained")
 
 
-@dataclass
-class Segment:
-    """One document's kept KV: per layer, per KV head; keys pre-RoPE. Tensors are as
-    stored (the codec's round trip), positions relative to the document's first token."""
-
-    keys: list[list[torch.Tensor]]
-    values: list[list[torch.Tensor]]
-    positions: list[list[torch.Tensor]]
-
-
 def segment_keys(documents: list[Document], fingerprint: str, recipe: Recipe, options: BuildOptions) -> list[str]:
     """Content keys of the segments (one per document).
 
@@ -181,7 +172,6 @@ class _Compiler:
 
     def __init__(self, tk: Tokenized, options: BuildOptions, lm: LoadedModel):
         self.model, self.options, self.lm = lm.model, options, lm
-        use_pack_attention(self.model)
         cfg = self.model.config
         self.layers, self.kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -192,81 +182,67 @@ class _Compiler:
         self.probe = torch.tensor(tk.probe_ids, dtype=torch.long, device=self.device)
         self.seconds = {"prefill": 0.0, "score": 0.0}
 
-    def stored(self, k_post: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Post-RoPE keys and values as the pack stores them (pre-RoPE, through the codec)."""
-        k = self.rotary.undo(k_post, p) if self.rotary is not None else k_post
-        n = k.shape[0]
-        return (self.codec.decode(self.codec.encode(k), n, self.head_dim),
-                self.codec.decode(self.codec.encode(v), n, self.head_dim))
+    def stored(self, kv: RaggedKV) -> RaggedKV:
+        """Post-RoPE KV as the pack stores it: keys un-rotated, both through the codec."""
+        keys = self.rotary.undo(kv.keys, kv.positions) if self.rotary is not None else kv.keys
+        return kv.replace(keys=self.codec.roundtrip(keys), values=self.codec.roundtrip(kv.values))
 
-    def attendable(self, seg: Segment, origin: int) -> Segment:
-        """A stored segment as later tokens attend to it (model dtype, RoPE at ``origin + position``),
-        computed exactly as a pack is loaded, so reused and fresh segments give the same context."""
-        def rot(k, p):
-            k = k.to(self.device, self.dtype)
-            return self.rotary.apply(k, p.to(self.device) + origin) if self.rotary is not None else k
+    def attendable(self, seg: Segment, origin: int) -> list[RaggedKV]:
+        """A stored segment as later tokens attend to it, placed exactly as a pack is loaded
+        (so reused and fresh segments give the same context)."""
+        return [place(layer, self.rotary, self.device, self.dtype, shift=origin) for layer in seg]
 
-        return Segment([[rot(k, p) for k, p in zip(kl, pl)] for kl, pl in zip(seg.keys, seg.positions)],
-                       [[v.to(self.device, self.dtype) for v in vl] for vl in seg.values],
-                       [[p.to(self.device) + origin for p in pl] for pl in seg.positions])
+    def prefill(self, ids: torch.Tensor, cache: PackCache) -> None:
+        t0 = time.perf_counter()
+        forward(self.model, ids[None], cache, logits_to_keep=1)
+        if self.device.type == "cuda":  # so that the time is the forward's, not the scoring's
+            torch.cuda.synchronize(self.device)
+        self.seconds["prefill"] += time.perf_counter() - t0
 
     @torch.no_grad()
-    def segment(self, ids: list[int], origin: int, context: list[Segment], target: int, protect: int,
+    def segment(self, ids: list[int], origin: int, context: list[list[RaggedKV]], target: int, protect: int,
                 progress=None) -> Segment:
-        """Compile one document's tokens at positions ``origin...`` after ``context`` (attendable
-        segments, in order).
+        """Compile one document's tokens at positions ``origin...`` after ``context`` (per
+        layer, the attendable parts that precede it, in order).
 
         Chunked prefill ``[context | kept of this document | chunk | task prompt]``; the
         layer's budget (``target`` per head on average) grows with the share of the
         document seen, so earlier survivors of this document compete again. ``protect``:
-        positions below it are always kept (sinks beyond the framing).
+        positions below it are always kept (sinks beyond the framing). Scoring and
+        selection run on all heads of a layer at once; the kept counts of all layers come
+        back to the host in one sync per chunk.
         """
-        kv_heads, o = self.kv_heads, self.options
+        o = self.options
         stream = torch.tensor(ids, dtype=torch.long, device=self.device)
-        empty = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
-        keys = [[empty] * kv_heads for _ in range(self.layers)]  # post-RoPE while compiling
-        values = [[empty] * kv_heads for _ in range(self.layers)]
-        positions = [[torch.empty(0, dtype=torch.long, device=self.device)] * kv_heads for _ in range(self.layers)]
+        kept = [RaggedKV.empty(self.kv_heads, self.head_dim, self.dtype, self.device)] * self.layers  # post-RoPE
         for start in range(0, len(ids), o.chunk_size):
             chunk = stream[start : start + o.chunk_size]
-            end = start + chunk.numel()
-            budget = layer_budget(target, end, len(ids), kv_heads)
-            needs_scores = budget < sum(p.numel() for p in positions[0]) + kv_heads * chunk.numel()
-            n_probe = self.probe.numel() if needs_scores else 0
-            heads = range(kv_heads)
-            prefixes = [Prefix([torch.cat([*(s.keys[li][h] for s in context), keys[li][h]]) for h in heads],
-                               [torch.cat([*(s.values[li][h] for s in context), values[li][h]]) for h in heads])
-                        for li in range(self.layers)]
-            cache = PackCache(prefixes, start=origin + start, capture_queries=n_probe)
-            t0 = time.perf_counter()
+            n, end = chunk.numel(), start + chunk.numel()
+            budget = layer_budget(target, end, len(ids), self.kv_heads)
+            n_probe = self.probe.numel() if budget < kept[0].rows + self.kv_heads * n else 0
             x = torch.cat([chunk, self.probe]) if n_probe else chunk
-            self.model(x[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = PackCache([RaggedKV.cat([*parts, k]) for parts, k in zip(context, kept)], start=origin + start,
+                              capture_queries=n_probe, capacity=x.numel())
+            self.prefill(x, cache)
             t1 = time.perf_counter()
             chunk_pos = torch.arange(origin + start, origin + end, device=self.device)
-            for li, layer in enumerate(cache.layers):
-                cand_k = [torch.cat([keys[li][h], layer.keys[0, h]]) for h in range(kv_heads)]
-                cand_v = [torch.cat([values[li][h], layer.values[0, h]]) for h in range(kv_heads)]
-                cand_p = [torch.cat([positions[li][h], chunk_pos]) for h in range(kv_heads)]
-                if n_probe:
-                    view = LayerView(cand_k, cand_v, cand_p, layer.queries[0], n_probe, self.head_dim**-0.5)
-                    kept = select(self.scorer.score(view), budget, [p - origin < protect for p in cand_p],
-                                  o.head_floor)
-                else:
-                    kept = [torch.arange(p.numel(), device=self.device) for p in cand_p]
-                keys[li] = [k[i] for k, i in zip(cand_k, kept)]
-                values[li] = [v[i] for v, i in zip(cand_v, kept)]
-                positions[li] = [p[i] for p, i in zip(cand_p, kept)]
-            self.seconds["prefill"] += t1 - t0
+            candidates = [RaggedKV.cat([k, RaggedKV.from_dense(layer.new_keys[0, :, :n], layer.new_values[0, :, :n],
+                                                                chunk_pos)])
+                          for k, layer in zip(kept, cache.layers)]
+            if n_probe:
+                masks = []
+                for cand, layer in zip(candidates, cache.layers):
+                    view = LayerView(cand, layer.new_keys[0, :, n:], layer.queries[0], self.head_dim**-0.5)
+                    masks.append(select(self.scorer.score(view), cand, budget, cand.positions - origin < protect,
+                                        o.head_floor))
+                counts = torch.stack([c.head_counts(m) for c, m in zip(candidates, masks)])
+                lengths = counts.tolist()  # the one host sync of the chunk
+                candidates = [c.take(m, n_h, c_h) for c, m, n_h, c_h in zip(candidates, masks, lengths, counts)]
+            kept = candidates
             self.seconds["score"] += time.perf_counter() - t1
             if progress is not None:
                 progress(end)
-        out = Segment([], [], [])
-        for kl, vl, pl in zip(keys, values, positions):
-            pairs = [self.stored(k, v, p) for k, v, p in zip(kl, vl, pl)]
-            out.keys.append([k for k, _ in pairs])
-            out.values.append([v for _, v in pairs])
-            out.positions.append([(p - origin).cpu() for p in pl])
-        return out
+        return [self.stored(k).shifted(-origin) for k in kept]
 
 
 @torch.no_grad()
@@ -281,8 +257,11 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progre
     at its place, after the kept KV of every earlier document. ``progress`` is called with
     the number of tokens compiled so far.
     """
-    c = _Compiler(tk, options, lm)
-    reused = reused or {}
+    with pack_attention(lm.model):
+        return _compile(_Compiler(tk, options, lm), tk, options, progress, reused or {})
+
+
+def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, progress, reused: dict[int, Segment]) -> Compiled:
     n_prefix = len(tk.prefix_ids)
     starts = [n_prefix]
     for ids in tk.doc_ids:
@@ -290,49 +269,33 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progre
     ratio = options.ratio if options.ratio is not None else min(1.0, options.budget / tk.total)
 
     # The framing: one plain prefill, kept whole (it holds the attention sinks).
-    none = torch.empty(0, c.head_dim, dtype=c.dtype, device=c.device)
-    cache = PackCache([Prefix([none] * c.kv_heads, [none] * c.kv_heads) for _ in range(c.layers)], start=0)
-    t0 = time.perf_counter()
-    c.model(torch.tensor([tk.prefix_ids], device=c.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    c.seconds["prefill"] += time.perf_counter() - t0
+    empty = RaggedKV.empty(c.kv_heads, c.head_dim, c.dtype, c.device)
+    cache = PackCache([empty] * c.layers, start=0, capacity=n_prefix)
+    c.prefill(torch.tensor(tk.prefix_ids, device=c.device), cache)
     pos = torch.arange(n_prefix, device=c.device)
-    framing = Segment([], [], [])
-    for layer in cache.layers:
-        pairs = [c.stored(layer.keys[0, h], layer.values[0, h], pos) for h in range(c.kv_heads)]
-        framing.keys.append([k for k, _ in pairs])
-        framing.values.append([v for _, v in pairs])
-        framing.positions.append([pos.cpu()] * c.kv_heads)
+    framing = [c.stored(RaggedKV.from_dense(layer.new_keys[0], layer.new_values[0], pos)) for layer in cache.layers]
     framing_ctx = c.attendable(framing, 0)
 
     segments: list[Segment] = []
-    context = [framing_ctx]  # chained: grows by each placed segment; concatenated once per chunk
+    chained = [[layer] for layer in framing_ctx]  # per layer: the framing, then each placed segment
     done = n_prefix
     for d, ids in enumerate(tk.doc_ids):
         if d in reused:
             seg = reused[d]
         else:
             origin = n_prefix if options.context == "independent" else starts[d]
-            base = [framing_ctx] if options.context == "independent" else context
+            context = [[layer] for layer in framing_ctx] if options.context == "independent" else chained
             report = (lambda n, done=done: progress(done + n)) if progress else None
-            seg = c.segment(ids, origin, base, max(1, round(ratio * len(ids))), options.sinks - starts[d], report)
+            seg = c.segment(ids, origin, context, max(1, round(ratio * len(ids))), options.sinks - starts[d], report)
         segments.append(seg)
         done += len(ids)
         if progress is not None:
             progress(done)
         if options.context == "chained":
-            context.append(c.attendable(seg, starts[d]))
+            for parts, layer in zip(chained, c.attendable(seg, starts[d])):
+                parts.append(layer)
 
-    def assemble(part: str) -> list[list[torch.Tensor]]:
-        out = []
-        for li in range(c.layers):
-            heads = []
-            for h in range(c.kv_heads):
-                pieces = [getattr(framing, part)[li][h]]
-                for seg, start in zip(segments, starts):
-                    t = getattr(seg, part)[li][h]
-                    pieces.append(t + start if part == "positions" else t)
-                heads.append(torch.cat(pieces))
-            out.append(heads)
-        return out
-
-    return Compiled(assemble("keys"), assemble("values"), assemble("positions"), tk, c.seconds)
+    layers = [RaggedKV.cat([framing[li].to("cpu"), *(seg[li].to("cpu").shifted(start)
+                                                      for seg, start in zip(segments, starts))])
+              for li in range(c.layers)]
+    return Compiled(layers, tk, c.seconds)

@@ -1,55 +1,70 @@
 """A transformers ``Cache`` whose past is a pack's ragged, per-head compressed KV.
 
-The prefix (the compiled corpus) is shared and never written to: each question gets its
-own :class:`PackCache`, which only appends its own tokens, so questions are independent
-and a pack loaded once serves any number of them.
+The prefix (the compiled corpus, one :class:`~kvcompile.ragged.RaggedKV` per layer) is
+shared and never written to: each question gets its own :class:`PackCache`, which only
+appends its own tokens to a preallocated buffer, written in place, so questions are
+independent and a pack loaded once serves any number of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .attention import uses_kernel
+from .ragged import RaggedKV
 
-@dataclass
-class Prefix:
-    """The compressed KV of one layer, post-RoPE, ready to attend over.
-
-    keys, values: per KV head ``[n_h, head_dim]``.
-    """
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+_GROW = 256  # new-token slots added when a buffer is full (amortises the copy)
 
 
 class PackLayer(CacheLayerMixin):
-    """One layer: a ragged prefix plus the dense tokens appended since."""
+    """One layer: a ragged prefix plus the dense tokens appended since.
+
+    The new tokens live in ``buffer [2, batch, kv_heads, pad + capacity, head_dim]``. On
+    CUDA ``pad`` is 0 and the Triton kernel reads the ragged prefix itself. Elsewhere
+    (``pad`` = the longest head) the prefix is gathered into the first ``pad`` rows once,
+    padded, so the reference attention is one SDPA call over a view of the buffer.
+    """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, prefix: Prefix, start: int, capture_queries: int = 0):
+    def __init__(self, prefix: RaggedKV, start: int, capture_queries: int = 0, capacity: int = 0):
         super().__init__()
-        self.prefix_keys = prefix.keys
-        self.prefix_values = prefix.values
+        self.prefix = prefix
         self.start = start
         self.capture_queries = capture_queries
         self.queries: torch.Tensor | None = None
-        ref = prefix.keys[0]
-        self.keys = ref.new_empty(1, len(prefix.keys), 0, ref.shape[-1])
-        self.values = self.keys.clone()
-        self.dtype, self.device = ref.dtype, ref.device
+        self.capacity = capacity
+        self.length = 0
+        self.pad = None if uses_kernel(prefix.keys.device) else prefix.max_len
+        self.buffer: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
+        self.dtype, self.device = prefix.keys.dtype, prefix.keys.device
         self.is_initialized = True
 
     @property
     def num_heads(self) -> int:
-        return len(self.prefix_keys)
+        return self.prefix.heads
 
-    def lazy_initialization(self, key_states, value_states) -> None:  # initialised in __init__
+    def lazy_initialization(self, key_states, value_states) -> None:  # the buffer is made by the first update
         pass
+
+    def _allocate(self, batch: int, need: int) -> None:
+        pad = self.pad or 0
+        capacity = max(need, self.capacity, 2 * (self.buffer.shape[3] - pad) if self.buffer is not None else 0)
+        p = self.prefix
+        buffer = p.keys.new_zeros(2, batch, p.heads, pad + capacity, p.head_dim)
+        if self.buffer is not None:
+            buffer[..., : pad + self.length, :] = self.buffer[..., : pad + self.length, :]
+        elif pad:
+            index, _ = p.padded_index()
+            buffer[0, :, :, :pad] = p.keys[index] if p.rows else 0
+            buffer[1, :, :, :pad] = p.values[index] if p.rows else 0
+        self.buffer = buffer
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[batch, kv_heads, t, head_dim]``; hand the layer itself to the attention.
@@ -57,15 +72,51 @@ class PackLayer(CacheLayerMixin):
         Returning the layer (not tensors) makes any attention function other than
         ``"kvcompile"`` fail loudly instead of silently ignoring the pack.
         """
-        if self.keys.shape[0] != key_states.shape[0]:
-            self.keys = self.keys.expand(key_states.shape[0], -1, -1, -1)
-            self.values = self.values.expand(key_states.shape[0], -1, -1, -1)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        t = key_states.shape[2]
+        pad = self.pad or 0
+        if self.buffer is None or self.buffer.shape[3] < pad + self.length + t:
+            self._allocate(key_states.shape[0], self.length + t + (_GROW if self.buffer is not None else 0))
+        at = pad + self.length
+        self.buffer[0, :, :, at : at + t] = key_states
+        self.buffer[1, :, :, at : at + t] = value_states
+        self.length += t
         return self, self
 
+    # -- views for the attention --------------------------------------------------------
+
+    @property
+    def new_keys(self) -> torch.Tensor:
+        """The new tokens' keys ``[batch, kv_heads, t, head_dim]`` (a view of the buffer)."""
+        pad = self.pad or 0
+        return self.buffer[0, :, :, pad : pad + self.length]
+
+    @property
+    def new_values(self) -> torch.Tensor:
+        pad = self.pad or 0
+        return self.buffer[1, :, :, pad : pad + self.length]
+
+    @property
+    def padded_keys(self) -> torch.Tensor:
+        """``[batch, kv_heads, pad + t, head_dim]``: the padded prefix, then the new tokens."""
+        return self.buffer[0, :, :, : self.pad + self.length]
+
+    @property
+    def padded_values(self) -> torch.Tensor:
+        return self.buffer[1, :, :, : self.pad + self.length]
+
+    def valid_mask(self, q_heads: int) -> torch.Tensor:
+        """``[1, q_heads, 1, pad + t]`` bool: False on the padding of each head's prefix."""
+        if self._valid is None or self._valid.shape[-1] < self.buffer.shape[3]:
+            _, valid = self.prefix.padded_index()
+            tail = valid.new_ones(valid.shape[0], self.buffer.shape[3] - self.pad)
+            full = torch.cat([valid, tail], dim=1).repeat_interleave(q_heads // self.prefix.heads, dim=0)
+            self._valid = full[None, :, None, :]
+        return self._valid[..., : self.pad + self.length]
+
+    # -- the Cache protocol -------------------------------------------------------------
+
     def get_seq_length(self) -> int:
-        return self.start + self.keys.shape[-2]
+        return self.start + self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -73,22 +124,46 @@ class PackLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:
+        return -1
+
     def reset(self) -> None:
-        self.keys = self.keys[..., :0, :]
-        self.values = self.values[..., :0, :]
+        self.length = 0
 
 
 class PackCache(Cache):
     """The cache of one question (or, at build time, one chunk) over a compressed prefix.
 
-    ``start`` is the position of the first appended token: where a question would have
-    stood after the full corpus (or after the compacted one).
+    prefixes: one :class:`RaggedKV` per layer, post-RoPE, on the model's device.
+    start: the position of the first appended token (where a question would have stood
+        after the full corpus).
+    capacity: new tokens to make room for up front (more are added as needed).
     """
 
-    def __init__(self, prefixes: list[Prefix], start: int, capture_queries: int = 0):
-        super().__init__(layers=[PackLayer(p, start, capture_queries) for p in prefixes])
+    def __init__(self, prefixes: list[RaggedKV], start: int, capture_queries: int = 0, capacity: int = 0):
+        super().__init__(layers=[PackLayer(p, start, capture_queries, capacity) for p in prefixes])
         self.start = start
 
     def prefix_tokens(self) -> int:
         """Kept prefix tokens summed over layers and KV heads."""
-        return sum(k.shape[0] for layer in self.layers for k in layer.prefix_keys)
+        return sum(layer.prefix.rows for layer in self.layers)
+
+
+def forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache | None, **kwargs):
+    """``model(input_ids, ...)`` with ``cache`` passed under the name this transformers uses.
+
+    transformers 5.x renames ``past_key_values`` to ``cache`` (the old name is removed in
+    5.40); models of either generation get the argument they declare.
+    """
+    name = _cache_argument(type(model))
+    return model(input_ids, **{name: cache}, use_cache=cache is not None, **kwargs)
+
+
+_CACHE_ARGUMENT: dict[type, str] = {}
+
+
+def _cache_argument(cls: type) -> str:
+    if cls not in _CACHE_ARGUMENT:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_ARGUMENT[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_ARGUMENT[cls]

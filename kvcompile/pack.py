@@ -1,8 +1,9 @@
-"""Packs: write one from a compiled corpus, and load, verify and use one.
+"""Reading packs: load, verify and use one.
 
 The byte layout and the header are specified in docs/kvpack-format.md; this module
 follows it. A pack is untrusted input: :meth:`Pack.load` validates before allocating
-and refuses anything it cannot account for.
+and refuses anything it cannot account for. Reading a pack needs no compiler: nothing
+here imports the build code (kvcompile/writer.py writes packs).
 """
 
 from __future__ import annotations
@@ -10,207 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from pathlib import Path
 
-import numpy as np
 import torch
-import zstandard
 
-from . import __version__
-from .builder import BuildOptions, Compiled, Segment, segment_keys
-from .cache import PackCache, Prefix
-from .codecs import codec_for_pack, get_codec
-from .container import Container, tensor_bytes, write_container
-from .corpus import Document
-from .errors import ModelMismatchError, OptionError, PackError
+from .cache import PackCache
+from .codecs import codec_for_pack
+from .container import Container
+from .errors import ModelMismatchError, PackError
+from .format import FORMAT_VERSION, decode_positions, unzstd
 from .framing import Framing
 from .models import LoadedModel, load_model
-from .recipe import Recipe
-from .rope import Rotary
-
-FORMAT_VERSION = (1, 0)
-ZSTD_LEVEL = 19
-
-
-def _zstd(data: bytes) -> torch.Tensor:
-    # Fixed level, no checksum/size variance: equal input -> equal bytes.
-    frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
-    return torch.frombuffer(bytearray(frame), dtype=torch.uint8) if frame else torch.empty(0, dtype=torch.uint8)
-
-
-def _unzstd(data: bytes, size: int, what: str, path: str) -> bytes:
-    """Decompress one zstd frame that must hold exactly ``size`` bytes.
-
-    The frame's declared size is checked first: python-zstandard trusts it over
-    ``max_output_size``, so a hostile frame could otherwise make us allocate anything.
-    """
-    try:
-        declared = zstandard.frame_content_size(data)
-        if declared != size:
-            raise PackError(f"{path}: corrupt pack ({what} declares {declared} bytes, expected {size}): rebuild it")
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-    except zstandard.ZstdError:
-        raise PackError(f"{path}: corrupt pack ({what} does not decompress): rebuild it") from None
-    if len(out) != size:
-        raise PackError(f"{path}: corrupt pack ({what} has {len(out)} bytes, expected {size}): rebuild it")
-    return out
-
-
-def encode_positions(positions: list[list[torch.Tensor]]) -> bytes:
-    """Delta-coded little-endian int32, (layer, head) runs in order (format spec, section 4)."""
-    runs = []
-    for layer in positions:
-        for p in layer:
-            p = p.cpu().to(torch.int64)
-            runs.append(torch.diff(p, prepend=torch.zeros(1, dtype=torch.int64)) if p.numel() else p)
-    flat = torch.cat(runs) if runs else torch.empty(0, dtype=torch.int64)
-    return flat.to(torch.int32).numpy().astype("<i4").tobytes()
-
-
-def decode_positions(data: bytes, kept: list[list[int]], limit: int, path: str) -> list[list[torch.Tensor]]:
-    """Inverse of :func:`encode_positions`, validating monotonicity and bounds."""
-    flat = torch.from_numpy(np.frombuffer(data, dtype="<i4").astype(np.int64))
-    out, i = [], 0
-    for counts in kept:
-        layer = []
-        for n in counts:
-            run = flat[i : i + n]
-            i += n
-            if n and (run[0] < 0 or (run[1:] < 1).any()):
-                raise PackError(f"{path}: corrupt pack (positions are not increasing): rebuild it")
-            p = run.cumsum(0)
-            if n and p[-1] >= limit:
-                raise PackError(f"{path}: corrupt pack (a position is beyond the cache): rebuild it")
-            layer.append(p)
-        out.append(layer)
-    return out
-
-
-def model_identity(lm: LoadedModel) -> dict:
-    cfg = lm.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return {
-        "name": lm.name,
-        "fingerprint": lm.fingerprint,
-        "architecture": (cfg.architectures or [type(lm.model).__name__])[0],
-        "num_layers": cfg.num_hidden_layers,
-        "num_heads": cfg.num_attention_heads,
-        "num_kv_heads": cfg.num_key_value_heads,
-        "head_dim": head_dim,
-        "max_positions": lm.max_positions,
-        "rope": Rotary.of(lm.model) is not None,
-    }
-
-
-def pack_tensors_and_header(
-    compiled: Compiled, documents: list[Document], lm: LoadedModel, recipe: Recipe, options: BuildOptions
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything a pack holds: its tensors and its header (format spec, section 2)."""
-    tk = compiled.tokenized
-    codec = get_codec(options.codec)
-    tensors: dict[str, torch.Tensor] = {}
-    layer_entries = []
-    for li, (kl, vl) in enumerate(zip(compiled.keys, compiled.values)):
-        entry = {}
-        for part, heads in (("keys", kl), ("values", vl)):
-            named = codec.encode(torch.cat(heads))
-            names = {role: f"layers.{li}.{part}" + ("" if role == "data" else f".{role}") for role in named}
-            tensors.update({names[role]: t for role, t in named.items()})
-            entry[part] = {"codec": codec.name, **codec.params(), "tensors": names}
-        layer_entries.append(entry)
-    kept = [[int(p.numel()) for p in layer] for layer in compiled.positions]
-    tensors["positions"] = _zstd(encode_positions(compiled.positions))
-
-    seg_keys = segment_keys(documents, lm.fingerprint, recipe, options)
-    manifest, segments, offset = [], [], 0
-    for i, (d, ids, key) in enumerate(zip(documents, tk.doc_ids, seg_keys)):
-        manifest.append({"path": d.path, "sha256": d.sha256, "tokens": len(ids), "segment": i})
-        segments.append({"documents": [i], "tokens": [offset, offset + len(ids)], "key": key})
-        offset += len(ids)
-    manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    tensors["manifest"] = _zstd(manifest_bytes)
-
-    def part_bytes(part: str) -> int:
-        return sum(t.numel() * t.element_size() for n, t in tensors.items()
-                   if n.startswith("layers.") and n.split(".")[2] == part)
-
-    header = {
-        "format": "kvpack",
-        "version": list(FORMAT_VERSION),
-        "generator": f"kvcompile {__version__}",
-        "model": model_identity(lm),
-        "recipe": {"name": recipe.name, "source": recipe.source, "task_prompt": recipe.task_prompt(),
-                   "probes": list(recipe.probes)},
-        "options": {
-            "ratio": options.ratio, "budget": options.budget, "chunk_size": options.chunk_size, "sinks": options.sinks,
-            "scorer": {"name": options.scorer, **options.make_scorer().params()},
-            "selection": {"head_floor": options.head_floor},
-            "context": options.context,
-            "codec": {"name": codec.name, **codec.params()},
-        },
-        "framing": tk.framing.to_json(),
-        "corpus": {"documents": len(documents), "tokens": tk.corpus_tokens, "manifest": "manifest",
-                   "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-                   "manifest_size": len(manifest_bytes)},
-        "cache": {"tokens": tk.total, "question_position": tk.total, "kept": kept, "positions": "positions",
-                  "layers": layer_entries},
-        "segments": segments,
-        "checksums": {n: hashlib.sha256(tensor_bytes(t)).hexdigest() for n, t in sorted(tensors.items())},
-        "payload_bytes": {"keys": part_bytes("keys"), "values": part_bytes("values"),
-                          "positions": tensors["positions"].numel(), "manifest": tensors["manifest"].numel()},
-    }
-    return tensors, header
-
-
-def check_output(path: str | os.PathLike) -> None:
-    """Refuse an output path that cannot become a pack, before any work is done."""
-    path = Path(path)
-    if path.is_dir():
-        raise OptionError(f"output {path} is a directory: give a file name such as {path / 'corpus.kvpack'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise OptionError(f"cannot write {path}: its directory is not writable")
-
-
-def write_pack(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict) -> int:
-    """Write atomically: a temporary file in the target directory, fsync, rename.
-
-    An interrupted or failing write leaves whatever was at ``path`` untouched.
-    """
-    path = Path(path)
-    check_output(path)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    metadata = {"kvpack": text, "kvpack_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
-    except OSError as e:
-        raise OptionError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            size = write_container(f, tensors, metadata)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise OptionError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return size
+from .ragged import RaggedKV
+from .rope import Rotary, place
 
 
 class Pack:
@@ -246,8 +58,8 @@ class Pack:
         if verify:
             for name in c.entries:
                 self._tensor(name)
-        self.positions = decode_positions(
-            _unzstd(c.raw(self.layout["positions"]), 4 * sum(map(sum, self.kept)), "positions", self.path),
+        self.positions = decode_positions(  # per layer [N]
+            unzstd(c.raw(self.layout["positions"]), 4 * sum(map(sum, self.kept)), "positions", self.path),
             self.kept, self.layout["tokens"], self.path)
 
     # -- structure ---------------------------------------------------------------------
@@ -325,39 +137,36 @@ class Pack:
 
     # -- contents ----------------------------------------------------------------------
 
-    def layer(self, li: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Layer ``li``'s kept keys (pre-RoPE) and values: per KV head ``[kept, head_dim]``."""
-        counts = self.kept[li]
-        out = []
+    def layer(self, li: int) -> RaggedKV:
+        """Layer ``li`` as stored: pre-RoPE keys, values, positions; on the CPU."""
+        parts = []
         for part in ("keys", "values"):
             entry = self.layout["layers"][li][part]
             codec = codec_for_pack(entry["codec"])
-            x = codec.decode({r: self._tensor(n) for r, n in entry["tensors"].items()}, sum(counts), self.head_dim)
-            out.append(list(x.split(counts)))
-        return out[0], out[1]
+            parts.append(codec.decode({r: self._tensor(n) for r, n in entry["tensors"].items()},
+                                      sum(self.kept[li]), self.head_dim))
+        return RaggedKV.from_rows(parts[0], parts[1], self.positions[li], self.kept[li])
 
     def manifest(self) -> list[dict]:
         """The corpus manifest: one ``{"path", "sha256", "tokens", "segment"}`` per document."""
         c = self.header["corpus"]
         raw = self._tensor(c["manifest"]).numpy().tobytes()
-        data = _unzstd(raw, c["manifest_size"], "manifest", self.path)
+        data = unzstd(raw, c["manifest_size"], "manifest", self.path)
         if hashlib.sha256(data).hexdigest() != c["manifest_sha256"]:
             raise PackError(f"{self.path}: corrupt pack (manifest checksum mismatch): rebuild it")
         return json.loads(data)
 
-    def segments(self, wanted: list[int]) -> dict[int, Segment]:
+    def segments(self, wanted: list[int]) -> dict[int, list[RaggedKV]]:
         """Segments ``wanted`` (indices into ``header["segments"]``) cut out of the payload, as
-        the builder makes them: rows as stored, positions relative to the document's start."""
+        the builder makes them: one RaggedKV per layer, rows as stored, positions relative
+        to the document's start."""
         n_prefix = self.layout["tokens"] - self.header["corpus"]["tokens"]
         spans = {j: [n_prefix + t for t in self.header["segments"][j]["tokens"]] for j in wanted}
-        out = {j: Segment([], [], []) for j in wanted}
+        out: dict[int, list[RaggedKV]] = {j: [] for j in wanted}
         for li in range(len(self.kept)):
-            keys, values = self.layer(li)
+            layer = self.layer(li)
             for j, (lo, hi) in spans.items():
-                rows = [(p >= lo) & (p < hi) for p in self.positions[li]]
-                out[j].keys.append([k[r] for k, r in zip(keys, rows)])
-                out[j].values.append([v[r] for v, r in zip(values, rows)])
-                out[j].positions.append([p[r] - lo for p, r in zip(self.positions[li], rows)])
+                out[j].append(layer.span(lo, hi).shifted(-lo))
         return out
 
     def check_model(self, lm: LoadedModel) -> None:
@@ -369,36 +178,29 @@ class Pack:
                 f"query it with --model {self.model['name']} or rebuild the pack with this model"
             )
 
-    def prefixes(self, lm: LoadedModel) -> tuple[list[Prefix], int]:
-        """The pack's KV rotated to its stored positions, on ``lm``'s device and dtype.
-
-        Returns the per-layer prefixes and the position where a question starts.
-        """
+    def place(self, lm: LoadedModel) -> list[RaggedKV]:
+        """The pack's KV made attendable on ``lm``'s device and dtype, one layer at a time:
+        each layer's keys rotated to their stored positions in one call for all heads.
+        Questions start at ``question_position``. Refuses another model than the pack's."""
         self.check_model(lm)
         rotary = Rotary.of(lm.model) if self.model["rope"] else None
-        prefixes = []
-        for li in range(len(self.kept)):
-            keys, values = self.layer(li)
-            ks, vs = [], []
-            for k, v, p in zip(keys, values, self.positions[li]):
-                k = k.to(lm.device, lm.dtype)
-                ks.append(rotary.apply(k, p.to(lm.device)) if rotary is not None else k)
-                vs.append(v.to(lm.device, lm.dtype))
-            prefixes.append(Prefix(ks, vs))
-        return prefixes, self.layout["question_position"]
+        return [place(self.layer(li), rotary, lm.device, lm.dtype) for li in range(len(self.kept))]
 
-    def cache(self, model: LoadedModel | str | None = None, prefixes: list[Prefix] | None = None) -> PackCache:
+    @property
+    def question_position(self) -> int:
+        return self.layout["question_position"]
+
+    def cache(self, model: LoadedModel | str | None = None, kv: list[RaggedKV] | None = None) -> PackCache:
         """A fresh transformers ``Cache`` over this pack, for one question.
 
-        For callers of ``model.generate``: switch the model to the ``"kvcompile"``
-        attention (:func:`kvcompile.attention.use_pack_attention`) and pass input ids
-        that start with ``question_position`` placeholder ids (they are never embedded:
-        generate only feeds the ids past the cache's length). See docs/python-api.md.
+        For callers of ``model.generate``: inside ``kvcompile.attention.pack_attention(model)``,
+        pass input ids that start with ``question_position`` placeholder ids (they are never
+        embedded: generate only feeds the ids past the cache's length). See docs/python-api.md.
         """
-        if prefixes is None:
+        if kv is None:
             lm = model if isinstance(model, LoadedModel) else load_model(model or self.model["name"], progress=False)
-            prefixes, _ = self.prefixes(lm)
-        return PackCache(prefixes, self.layout["question_position"])
+            kv = self.place(lm)
+        return PackCache(kv, self.question_position)
 
     def session(self, model: LoadedModel | str | None = None):
         """A :class:`~kvcompile.session.Session` answering questions from this pack."""

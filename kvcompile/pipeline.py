@@ -11,9 +11,9 @@ from typing import Callable, Sequence
 from .builder import BuildOptions, check_fits, compile_corpus, segment_keys, tokenize
 from .corpus import Skipped, read_corpus
 from .models import LoadedModel
-from .pack import check_output, pack_tensors_and_header, write_pack
 from .rebuild import RebuildPlan, output_lock, plan_rebuild
 from .recipe import Recipe
+from .writer import check_output, pack_tensors_and_header, write_pack
 
 
 @dataclass

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .ragged import RaggedKV
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -72,3 +74,10 @@ class Rotary:
         # Some rope types (YaRN, longrope) scale cos and sin by s; the inverse of s*R is R^T / s.
         s2 = float(getattr(self.module, "attention_scaling", 1.0)) ** 2
         return undo_rope(x, cos.to(x.dtype) / s2, sin.to(x.dtype) / s2)
+
+
+def place(kv: RaggedKV, rotary: Rotary | None, device: torch.device, dtype: torch.dtype, shift: int = 0) -> RaggedKV:
+    """Stored KV (pre-RoPE keys) made attendable: on ``device`` in ``dtype``, positions moved
+    by ``shift``, keys rotated to them. The loader and the compiler both place KV this way."""
+    kv = kv.to(device, dtype).shifted(shift)
+    return kv.replace(keys=rotary.apply(kv.keys, kv.positions)) if rotary is not None else kv

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .ragged import RaggedKV
+
 
 def layer_budget(target: int, seen: int, total: int, kv_heads: int) -> int:
     """The layer's budget (tokens summed over KV heads) after ``seen`` of ``total`` tokens.
@@ -23,41 +25,39 @@ def layer_budget(target: int, seen: int, total: int, kv_heads: int) -> int:
     return kv_heads * math.ceil(target * seen / total)
 
 
-def select(
-    scores: list[torch.Tensor],
-    budget: int,
-    protected: list[torch.Tensor],
-    head_floor: float = 0.2,
-) -> list[torch.Tensor]:
-    """Indices kept per head, ascending.
+def select(scores: torch.Tensor, candidates: RaggedKV, budget: int, protected: torch.Tensor,
+           head_floor: float = 0.2) -> torch.Tensor:
+    """Which candidates are kept: a bool mask ``[N]`` over the rows of ``candidates``.
 
-    scores: per head ``[n_h]``; higher means keep. Comparable across heads.
+    scores: ``[N]``, higher means keep; comparable across heads.
     budget: tokens to keep in total over the heads (clamped to what exists).
-    protected: per head bool ``[n_h]``, always kept (sinks, framing).
+    protected: bool ``[N]``, always kept (sinks, framing), even beyond the budget.
     head_floor: share of the even per-head budget that each head keeps at least.
+
+    All on the device, for all heads at once, with no host sync: heads first take their
+    floor (best unprotected rows of their own), then the rest of the budget goes to the
+    best rows of any head. Ties break by (head, position) through stable sorts.
     """
-    heads = len(scores)
-    sizes = [s.shape[0] for s in scores]
-    budget = min(budget, sum(sizes))
-    flat = torch.cat([s.float() for s in scores])
-    head = torch.cat([torch.full((n,), h, device=flat.device) for h, n in enumerate(sizes)])
-    is_protected = torch.cat(protected)
-    # By score, best first; the stable sort breaks ties by (head, position).
-    rank = torch.sort(flat, descending=True, stable=True).indices
-    taken = is_protected.clone()  # always kept, even beyond the budget
+    heads, n = candidates.heads, candidates.rows
+    budget = min(budget, n)
+    head = candidates.head_ids()
+    order = torch.sort(scores.float(), descending=True, stable=True).indices  # best first
+    by_head = order[torch.sort(head[order], stable=True).indices]  # each head's rows, best first
+    starts = candidates.offsets[:-1]
 
-    def take(eligible: torch.Tensor, n: int) -> None:
-        """Keep the ``n`` best not-yet-kept candidates among ``eligible``, within the budget."""
-        n = min(n, budget - int(taken.sum()))
-        if n > 0:
-            order = rank[(eligible & ~taken)[rank]]
-            taken[order[:n]] = True
+    # Floor: every head keeps its best `floor - protected_h` unprotected rows.
+    n_protected = protected.sum()
+    free = (budget - n_protected).clamp_min(0)
+    floor = torch.floor(head_floor * free.double() / heads).long()
+    unprotected = (~protected[by_head]).long()
+    seen = torch.cat([unprotected.new_zeros(1), unprotected.cumsum(0)])  # unprotected rows before each
+    rank = seen[1:] - 1 - seen[starts][head[by_head]]  # rank among its head's unprotected rows
+    protected_h = candidates.head_counts(protected)
+    taken = protected.clone()
+    taken[by_head] |= (unprotected == 1) & (rank < (floor - protected_h)[head[by_head]])
 
-    free = max(0, budget - int(is_protected.sum()))  # what the floor shares
-    floor = int(head_floor * free / heads)
-    for h in range(heads):
-        take(head == h, floor - int(taken[head == h].sum()))
-    take(torch.ones_like(taken), budget)
-    kept = torch.nonzero(taken).flatten()
-    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
-    return [kept[(kept >= offsets[h]) & (kept < offsets[h + 1])] - offsets[h] for h in range(heads)]
+    # The rest of the budget: the best rows not yet kept, whichever head.
+    left = (budget - taken.sum()).clamp_min(0)
+    open_rows = ~taken[order]
+    taken[order] |= open_rows & (open_rows.long().cumsum(0) <= left)
+    return taken

@@ -1,7 +1,8 @@
 """Answering questions from a pack: a model and a pack's KV, loaded once.
 
 Every question gets its own :class:`~kvcompile.cache.PackCache` over the shared,
-read-only prefix, so questions never affect each other.
+read-only prefix, so questions never affect each other. The model attends with the
+pack's attention only while a question is being answered (:func:`pack_attention`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Iterator
 
 import torch
 
-from .attention import use_pack_attention
-from .cache import PackCache, Prefix
+from .attention import pack_attention
+from .cache import PackCache, forward
 from .errors import QuestionError
 from .models import LoadedModel, load_model
+from .ragged import RaggedKV
 
 
 @dataclass
@@ -32,19 +34,18 @@ class Session:
         t0 = time.perf_counter()
         self.pack = pack
         self.lm = model if isinstance(model, LoadedModel) else load_model(model or pack.model["name"], progress=False)
-        use_pack_attention(self.lm.model)
-        self.prefixes, self.start = pack.prefixes(self.lm)  # refuses another model than the pack's
+        self.kv = pack.place(self.lm)  # refuses another model than the pack's
+        self.start = pack.question_position
         self.framing = pack.framing
         self.load_seconds = time.perf_counter() - t0
 
     @classmethod
-    def over(cls, lm: LoadedModel, framing, prefixes: list[Prefix], start: int) -> Session:
-        """A session over KV that is not a pack file: ``prefixes`` (post-RoPE, per layer and
-        KV head) with questions starting at position ``start``. Used by ``kvcompile eval``
+    def over(cls, lm: LoadedModel, framing, kv: list[RaggedKV], start: int) -> Session:
+        """A session over KV that is not a pack file: ``kv`` (post-RoPE, one RaggedKV per
+        layer) with questions starting at position ``start``. Used by ``kvcompile eval``
         for its baselines and by the peer benchmark."""
         self = cls.__new__(cls)
-        use_pack_attention(lm.model)
-        self.pack, self.lm, self.prefixes, self.start, self.framing = None, lm, prefixes, start, framing
+        self.pack, self.lm, self.kv, self.start, self.framing = None, lm, kv, start, framing
         self.load_seconds = 0.0
         return self
 
@@ -62,9 +63,10 @@ class Session:
             )
         return ids
 
-    def cache(self) -> PackCache:
-        """A fresh cache over the shared, read-only prefix, for one question."""
-        return PackCache(self.prefixes, self.start)
+    def cache(self, capacity: int = 0) -> PackCache:
+        """A fresh cache over the shared, read-only prefix, for one question
+        (``capacity``: question and answer tokens to make room for up front)."""
+        return PackCache(self.kv, self.start, capacity=capacity)
 
     @torch.no_grad()
     def stream(self, question: str, max_new_tokens: int = 128, timings: dict | None = None) -> Iterator[str]:
@@ -75,7 +77,9 @@ class Session:
         """
         ids = self.question_ids(question, reserve=1)
         max_new_tokens = max(1, min(max_new_tokens, self.lm.max_positions - self.start - len(ids)))
-        yield from stream_text(self.lm, greedy(self.lm, ids, self.cache(), max_new_tokens, timings=timings))
+        with pack_attention(self.lm.model):
+            cache = self.cache(capacity=len(ids) + max_new_tokens)
+            yield from stream_text(self.lm, greedy(self.lm, ids, cache, max_new_tokens, timings=timings))
 
     def ask(self, question: str, max_new_tokens: int = 128) -> Answer:
         """The whole answer to ``question`` (greedy), with timings."""
@@ -88,7 +92,8 @@ class Session:
         """Logits ``[vocab]`` of the first answer token (float32)."""
         ids = self.question_ids(question)
         x = torch.tensor([ids], device=self.lm.device)
-        return self.lm.model(x, past_key_values=self.cache(), use_cache=True, logits_to_keep=1).logits[0, -1].float()
+        with pack_attention(self.lm.model):
+            return forward(self.lm.model, x, self.cache(), logits_to_keep=1).logits[0, -1].float()
 
     @torch.no_grad()
     def answer_nll(self, question: str, answer: str) -> float:
@@ -96,7 +101,8 @@ class Session:
         q = self.question_ids(question)
         a = answer_ids(self.lm, answer)
         x = torch.tensor([q + a], device=self.lm.device)
-        logits = self.lm.model(x, past_key_values=self.cache(), use_cache=True, logits_to_keep=len(a) + 1).logits
+        with pack_attention(self.lm.model):
+            logits = forward(self.lm.model, x, self.cache(), logits_to_keep=len(a) + 1).logits
         return _nll(logits[0, :-1], a)
 
 
@@ -113,7 +119,7 @@ def greedy(lm: LoadedModel, ids: list[int], cache, max_new_tokens: int, timings:
     t_first = None
     n = 0
     for _ in range(max_new_tokens):
-        logits = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = forward(model, x, cache, logits_to_keep=1).logits[0, -1]
         nxt = int(logits.argmax())
         if t_first is None:
             t_first = time.perf_counter()

@@ -104,9 +104,10 @@ def test_safe_open_lists_every_tensor_and_the_kvpack_header(tiny_pack):
     assert header == pack.header
     # safetensors reads the same tensors the pack decodes.
     for li in range(layers):
-        keys, values = pack.layer(li)
-        assert torch.equal(tensors[f"layers.{li}.keys"], torch.cat(keys))
-        assert torch.equal(tensors[f"layers.{li}.values"], torch.cat(values))
+        layer = pack.layer(li)
+        assert list(layer.lengths) == pack.kept[li]
+        assert torch.equal(tensors[f"layers.{li}.keys"], layer.keys)
+        assert torch.equal(tensors[f"layers.{li}.values"], layer.values)
     assert tensors["positions"].dtype == torch.uint8 and tensors["manifest"].dtype == torch.uint8
 
 

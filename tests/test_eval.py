@@ -134,12 +134,13 @@ def test_cached_method_does_not_change_its_cache(tiny_lm, tiny_pack):
     framing = frame(tiny_lm.tokenizer)
     ids = list(framing.prefix_ids) + list(range(100, 140))
     m = prefill_method(tiny_lm, framing, ids, "ctx", "full")
-    before = [k.clone() for p in m.session.prefixes for k in p.keys]
+    before = [t.clone() for layer in m.session.kv for t in (layer.keys, layer.values, layer.positions)]
     qa = QA("q", "Anything?", ("yes",))
     first = m.answer_nll(qa)
     m.generate(qa, 5)
     assert m.answer_nll(qa) == first
-    assert all(torch.equal(a, k) for a, k in zip(before, [k for p in m.session.prefixes for k in p.keys]))
+    after = [t for layer in m.session.kv for t in (layer.keys, layer.values, layer.positions)]
+    assert len(after) == len(before) and all(torch.equal(a, k) for a, k in zip(before, after))
 
 
 def test_peak_memory_sees_an_allocation():

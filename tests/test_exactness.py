@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kvcompile
+from kvcompile.attention import pack_attention
 from kvcompile.builder import BuildOptions
 from kvcompile.corpus import read_corpus
 from kvcompile.framing import document_text
@@ -27,12 +28,10 @@ def full_prompt_logits(lm, corpus, session, question: str) -> torch.Tensor:
     for d in docs:
         ids += tok(document_text(d.path, d.text), add_special_tokens=False)["input_ids"]
     ids += session.question_ids(question)
-    lm.model.set_attn_implementation("sdpa")
-    try:
-        with torch.no_grad():
-            return lm.model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
-    finally:
-        lm.model.set_attn_implementation("kvcompile")
+    # The pack's attention is scoped to a question: outside, the model is as loaded.
+    assert lm.model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        return lm.model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
 
 
 def check_exact(lm, corpus, path, chunk_size: int) -> float:
@@ -71,8 +70,10 @@ def test_generate_with_pack_cache_matches_session(tiny_lm, tiny_pack):
     session = pack.session(tiny_lm)
     q = session.question_ids("When was the company founded?")
     start = pack.layout["question_position"]
-    out = tiny_lm.model.generate(torch.tensor([[0] * start + q]), past_key_values=pack.cache(tiny_lm),
-                                 max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    with pack_attention(tiny_lm.model):
+        out = tiny_lm.model.generate(torch.tensor([[0] * start + q]), cache=pack.cache(tiny_lm),
+                                     max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert tiny_lm.model.config._attn_implementation == "sdpa"
     first = int(session.first_token_logits("When was the company founded?").argmax())
     assert int(out[0, start + len(q)]) == first
 

@@ -19,7 +19,7 @@ import zstandard
 import kvcompile
 from kvcompile.container import DTYPES, Container, tensor_bytes
 from kvcompile.errors import PackError
-from kvcompile.pack import FORMAT_VERSION, _zstd, decode_positions, encode_positions
+from kvcompile.format import FORMAT_VERSION, decode_positions, encode_positions, zstd_frame
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -41,8 +41,26 @@ def _set(path: list, value):
     return edit
 
 
-def _positions_tensor(positions) -> torch.Tensor:
-    return _zstd(encode_positions(positions))
+def _flat(nested: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Per-head positions (``nested[layer][head]``) as the format functions take them:
+    flat ``[N]`` per layer, rows grouped by head, and the kept counts."""
+    kept = [[int(p.numel()) for p in row] for row in nested]
+    flat = [torch.cat([p.to(torch.int64) for p in row]) if row else torch.empty(0, dtype=torch.int64)
+            for row in nested]
+    return flat, kept
+
+
+def _encode(nested: list[list[torch.Tensor]]) -> bytes:
+    return encode_positions(*_flat(nested))
+
+
+def _per_head(positions: list[torch.Tensor], kept: list[list[int]]) -> list[list[torch.Tensor]]:
+    """The inverse of :func:`_flat`: ``[layer][head]`` tensors."""
+    return [list(p.split(row)) for p, row in zip(positions, kept)]
+
+
+def _positions_tensor(nested) -> torch.Tensor:
+    return zstd_frame(_encode(nested))
 
 
 # ----------------------------------------------------------------------------- the file as written
@@ -126,6 +144,7 @@ def test_positions_tensor_follows_the_spec(pack):
     flat = torch.tensor(list(struct.unpack(f"<{len(raw) // 4}i", raw)))
     i = 0
     prefix = len(h["framing"]["prefix_ids"])
+    per_head = _per_head(pack.positions, kept)
     for li, row in enumerate(kept):
         for hi, n in enumerate(row):
             run = flat[i : i + n]
@@ -133,10 +152,13 @@ def test_positions_tensor_follows_the_spec(pack):
             assert run[0] >= 0 and bool((run[1:] >= 1).all())
             absolute = run.cumsum(0)
             assert int(absolute[-1]) < tokens
-            assert torch.equal(absolute, pack.positions[li][hi])
+            assert torch.equal(absolute, per_head[li][hi])
             # The framing prefix (and the sinks) are always kept.
             assert torch.equal(absolute[:prefix], torch.arange(prefix))
     assert i == flat.numel()
+    # Flat per layer: rows grouped by head, as many as kept.
+    assert [p.shape for p in pack.positions] == [(sum(row),) for row in kept]
+    assert all(p.dtype == torch.int64 for p in pack.positions)
 
 
 def test_positions_take_less_than_two_bytes_each(pack):
@@ -209,8 +231,11 @@ def test_newer_minor_version_with_unknown_keys_loads(tiny_pack, tmp_path, rewrit
     assert newer.header["version"] == [1, 7]
     assert newer.kept == pack.kept
     for li in range(len(pack.kept)):
-        assert all(torch.equal(a, b) for a, b in zip(newer.layer(li)[0], pack.layer(li)[0]))
-    assert all(torch.equal(a, b) for la, lb in zip(newer.positions, pack.positions) for a, b in zip(la, lb))
+        a, b = newer.layer(li), pack.layer(li)
+        assert a.lengths == b.lengths
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and torch.equal(a.positions, b.positions)
+    assert len(newer.positions) == len(pack.positions)
+    assert all(torch.equal(a, b) for a, b in zip(newer.positions, pack.positions))
 
 
 @pytest.mark.parametrize("version", [
@@ -270,7 +295,7 @@ def test_kept_counts_not_matching_the_tensors_are_refused(tiny_pack, tmp_path, r
 def test_kept_counts_not_matching_the_tensors_are_refused_at_load(tiny_pack, tmp_path, rewrite_pack, pack):
     # kept says one token fewer for layer 1, head 1 and the positions agree, but the
     # layer's key and value tensors still hold all the rows.
-    positions = [[p.clone() for p in layer] for layer in pack.positions]
+    positions = [[p.clone() for p in layer] for layer in _per_head(pack.positions, pack.kept)]
     positions[1][1] = positions[1][1][:-1]
 
     def edit(header, tensors):
@@ -398,11 +423,14 @@ def _random_positions(seed: int, layers=2, heads=3, limit=1000):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_positions_round_trip(seed):
     positions = _random_positions(seed)
-    kept = [[int(p.numel()) for p in row] for row in positions]
-    data = encode_positions(positions)
+    flat, kept = _flat(positions)
+    data = encode_positions(flat, kept)
     assert len(data) == 4 * sum(map(sum, kept))
     decoded = decode_positions(data, kept, 1000, "x")
-    assert all(torch.equal(a, b) for ra, rb in zip(decoded, positions) for a, b in zip(ra, rb))
+    assert len(decoded) == len(flat) and all(torch.equal(a, b) for a, b in zip(decoded, flat))
+    nested = _per_head(decoded, kept)
+    assert all(torch.equal(a, b) for ra, rb in zip(nested, positions) for a, b in zip(ra, rb))
+    assert all(p.numel() == 0 for row in nested for p in row[1:2])  # head 1 keeps nothing
     # Delta coded: the first value of a run is the position, the rest are differences >= 1.
     flat = struct.unpack(f"<{len(data) // 4}i", data)
     first = positions[0][0]
@@ -413,7 +441,7 @@ def test_positions_compress_below_two_bytes_each():
     # A realistic selection: half of 4000 positions, in runs, per head.
     g = torch.Generator().manual_seed(0)
     positions = [[torch.randperm(4000, generator=g)[:2000].sort().values for _ in range(3)] for _ in range(4)]
-    stored = len(zstandard.ZstdCompressor(level=19).compress(encode_positions(positions)))
+    stored = len(zstandard.ZstdCompressor(level=19).compress(_encode(positions)))
     assert stored / (4 * 3 * 2000) < 2.0
 
 
@@ -425,14 +453,14 @@ def test_non_increasing_positions_are_refused(run):
 
 
 def test_positions_beyond_the_cache_are_refused():
-    data = encode_positions([[torch.tensor([0, 5, 100])]])
-    assert decode_positions(data, [[3]], 101, "x")[0][0].tolist() == [0, 5, 100]
+    data = encode_positions([torch.tensor([0, 5, 100])], [[3]])
+    assert decode_positions(data, [[3]], 101, "x")[0].tolist() == [0, 5, 100]
     with pytest.raises(PackError, match="beyond the cache"):
         decode_positions(data, [[3]], 100, "x")
 
 
 def test_decreasing_positions_in_a_pack_are_refused(tiny_pack, tmp_path, rewrite_pack, pack):
-    positions = [[p.clone() for p in layer] for layer in pack.positions]
+    positions = [[p.clone() for p in layer] for layer in _per_head(pack.positions, pack.kept)]
     p = positions[0][1]
     p[10], p[11] = p[11].clone(), p[10].clone()
 
@@ -445,7 +473,7 @@ def test_decreasing_positions_in_a_pack_are_refused(tiny_pack, tmp_path, rewrite
 
 
 def test_positions_of_the_wrong_length_are_refused(tiny_pack, tmp_path, rewrite_pack, pack):
-    positions = [[p.clone() for p in layer] for layer in pack.positions]
+    positions = [[p.clone() for p in layer] for layer in _per_head(pack.positions, pack.kept)]
     positions[0][0] = positions[0][0][:-1]
 
     def edit(header, tensors):

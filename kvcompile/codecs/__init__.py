@@ -37,6 +37,10 @@ class Codec(ABC):
     def params(self) -> dict:
         return {}
 
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [tokens, head_dim]`` as a reader will get it back, on ``x``'s device."""
+        return self.decode(self.encode(x), x.shape[0], x.shape[1]).to(x.device)
+
 
 CODECS: dict[str, Codec] = {}
 

@@ -16,6 +16,9 @@ class FloatCodec(Codec):
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"data": x.to(self.dtype).cpu().contiguous()}
 
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)  # on the device: a cast is the whole round trip
+
     def layout(self, tokens: int, head_dim: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {"data": (NAMES[self.dtype], (tokens, head_dim))}
 

@@ -20,10 +20,11 @@ from abc import ABC, abstractmethod
 import torch
 from transformers import DynamicCache
 
-from ..cache import Prefix
+from ..cache import forward
 from ..data.qa import QA
 from ..framing import Framing
 from ..models import LoadedModel
+from ..ragged import RaggedKV
 from ..session import Session, _nll, answer_ids, greedy, stream_text
 from .rag import Bm25Retriever, chunk_documents
 
@@ -68,8 +69,7 @@ class SessionMethod(Method):
                  setup_seconds: float = 0.0):
         self.session, self.name, self.kind, self.ratio = session, name, kind, ratio
         self.setup_seconds = setup_seconds
-        heads = [len(p.keys) for p in session.prefixes]
-        self.kv_tokens = sum(k.shape[0] for p in session.prefixes for k in p.keys) / sum(heads)
+        self.kv_tokens = sum(layer.rows for layer in session.kv) / sum(layer.heads for layer in session.kv)
         self.kv_bytes = kv_bytes if kv_bytes is not None else self.kv_tokens * kv_bytes_per_token(session.lm)
 
     def answer_nll(self, qa: QA) -> float:
@@ -100,9 +100,10 @@ def prefill_method(lm: LoadedModel, framing: Framing, context_ids: list[int], na
     """``context_ids`` prefilled once with an ordinary forward pass and kept whole."""
     t0 = time.perf_counter()
     cache = DynamicCache(config=lm.config)
-    lm.model(torch.tensor([context_ids], device=lm.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    prefixes = [Prefix(list(layer.keys[0]), list(layer.values[0])) for layer in cache.layers]
-    session = Session.over(lm, framing, prefixes, len(context_ids))
+    forward(lm.model, torch.tensor([context_ids], device=lm.device), cache, logits_to_keep=1)
+    positions = torch.arange(len(context_ids), device=lm.device)
+    kv = [RaggedKV.from_dense(layer.keys[0], layer.values[0], positions) for layer in cache.layers]
+    session = Session.over(lm, framing, kv, len(context_ids))
     return SessionMethod(session, name, kind, ratio, setup_seconds=time.perf_counter() - t0)
 
 

@@ -1,8 +1,8 @@
 """Scorers rank the cached tokens of one layer: which to keep.
 
 A scorer is a small class with one method, ``score(view)``, that takes what one
-layer's prefill produced (:class:`LayerView`) and returns a score per KV head and
-candidate position; higher means keep. Scores of the heads of one layer must be
+layer's prefill produced (:class:`LayerView`) and returns a score per candidate row
+(ragged over KV heads); higher means keep. Scores of the heads of one layer must be
 comparable, because heads compete for the layer's budget (per-head budgets).
 New scorers are new files that call :func:`register`.
 """
@@ -15,24 +15,28 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OptionError
+from ..ragged import RaggedKV
 
 
 @dataclass
 class LayerView:
     """What one layer's prefill of ``[kept | chunk | probe]`` produced.
 
-    keys, values: per KV head ``[candidates_h + n_probe, head_dim]``, post-RoPE; the
-        last ``n_probe`` rows belong to the probe (task prompt) tokens.
-    positions: per KV head ``[candidates_h]``, the candidates' positions.
+    candidates: the tokens competing for the layer's budget, ragged per KV head: keys
+        (post-RoPE), values and positions of ``[kept | chunk]``.
+    probe_keys: ``[kv_heads, n_probe, head_dim]`` post-RoPE keys of the probe (task
+        prompt) tokens, which follow the candidates.
     queries: ``[q_heads, n_probe, head_dim]`` post-RoPE queries of the probe tokens.
     """
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    positions: list[torch.Tensor]
+    candidates: RaggedKV
+    probe_keys: torch.Tensor | None
     queries: torch.Tensor | None
-    n_probe: int
     scaling: float
+
+    @property
+    def n_probe(self) -> int:
+        return 0 if self.queries is None else self.queries.shape[1]
 
 
 class Scorer(ABC):
@@ -41,8 +45,11 @@ class Scorer(ABC):
     name: str = ""
 
     @abstractmethod
-    def score(self, view: LayerView) -> list[torch.Tensor]:
-        """Per KV head, a score ``[candidates_h]`` for each candidate; higher = keep."""
+    def score(self, view: LayerView) -> torch.Tensor:
+        """A score ``[N]`` for each candidate row of ``view.candidates``; higher = keep.
+
+        All heads at once (no loop over heads), on the candidates' device.
+        """
 
     def params(self) -> dict:
         """The parameters recorded in the pack (everything that changes the scores)."""

@@ -22,10 +22,6 @@ class StrideScorer(Scorer):
     def params(self) -> dict:
         return {"ratio": self.ratio}
 
-    def score(self, view: LayerView) -> list[torch.Tensor]:
-        out = []
-        for pos in view.positions:
-            p = pos.double()
-            hit = torch.floor((p + 1) * self.ratio) > torch.floor(p * self.ratio)
-            out.append(hit.float())
-        return out
+    def score(self, view: LayerView) -> torch.Tensor:
+        p = view.candidates.positions.double()
+        return (torch.floor((p + 1) * self.ratio) > torch.floor(p * self.ratio)).float()

@@ -3,29 +3,41 @@
 Each cached token is scored by the attention that the task prompt's tokens pay to it:
 the prompt (task description plus example questions) stands where a question will
 stand, so the tokens it attends to are the ones later questions of that kind need.
-Only the prompt's rows of the attention matrix are computed, ``[group, n_probe,
-tokens]`` per KV head, never the full ``tokens x tokens`` matrix.
+Only the prompt's rows of the attention matrix are computed, ``[kv_heads, group x
+n_probe, tokens]`` for all heads of a layer at once, never the full ``tokens x tokens``
+matrix.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..ragged import RaggedKV
 from . import LayerView, Scorer, register
 
 
-def probe_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Causal attention probabilities of the probe rows over all keys.
+def probe_attention(queries: torch.Tensor, candidates: RaggedKV, probe_keys: torch.Tensor,
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention probabilities of the probe rows over each head's candidates.
 
-    queries: ``[group, n_probe, head_dim]``, the probe tokens of one KV head's group.
-    keys: ``[tokens, head_dim]``, candidates then the probe tokens themselves.
-    Returns ``[group, n_probe, tokens]``.
+    queries: ``[q_heads, n_probe, head_dim]``; probe_keys: ``[kv_heads, n_probe, head_dim]``.
+    Each head's candidates are padded to the longest head (masked out), then followed by
+    the probe tokens themselves. Returns the probabilities on the candidates,
+    ``[kv_heads, group * n_probe, max_len]`` (rows ordered by group member, then probe
+    token), and ``valid [kv_heads, max_len]``.
     """
-    n_probe, tokens = queries.shape[1], keys.shape[0]
-    logits = (queries.float() @ keys.float().T) * scaling
-    # Probe row i sits at key index tokens - n_probe + i and sees keys up to it.
-    visible = torch.ones(n_probe, tokens, dtype=torch.bool, device=keys.device).tril(tokens - n_probe)
-    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    heads, n_probe, head_dim = probe_keys.shape
+    group = queries.shape[0] // heads
+    index, valid = candidates.padded_index()
+    width = index.shape[1]
+    keys = torch.cat([candidates.keys[index].float(), probe_keys.float()], dim=1)  # [H, L + P, D]
+    q = queries.float().reshape(heads, group * n_probe, head_dim)
+    logits = (q @ keys.transpose(1, 2)) * scaling
+    # Probe token i sees every valid candidate and the probe tokens up to itself.
+    causal = torch.ones(n_probe, n_probe, dtype=torch.bool, device=q.device).tril().repeat(group, 1)
+    visible = torch.cat([valid[:, None, :].expand(-1, group * n_probe, -1), causal.expand(heads, -1, -1)], dim=2)
+    attn = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return attn[..., :width], valid
 
 
 @register
@@ -47,20 +59,18 @@ class TaskAwareScorer(Scorer):
     def params(self) -> dict:
         return {"value_norm": self.value_norm, "pool": self.pool, "row_norm": self.row_norm}
 
-    def score(self, view: LayerView) -> list[torch.Tensor]:
-        kv_heads = len(view.keys)
-        group = view.queries.shape[0] // kv_heads
-        scores = []
-        for h in range(kv_heads):
-            q = view.queries[h * group : (h + 1) * group]
-            attn = probe_attention(q, view.keys[h], view.scaling)
-            a = attn[..., : attn.shape[-1] - view.n_probe]
-            if self.row_norm:
-                a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-            s = a.mean(dim=(0, 1))
-            if self.value_norm:
-                s = s * view.values[h][: s.shape[0]].float().norm(dim=-1)
-            if self.pool > 1:
-                s = torch.nn.functional.max_pool1d(s[None, None], self.pool, stride=1, padding=self.pool // 2)[0, 0]
-            scores.append(s / s.sum().clamp_min(1e-30))
-        return scores
+    def score(self, view: LayerView) -> torch.Tensor:
+        c = view.candidates
+        a, valid = probe_attention(view.queries, c, view.probe_keys, view.scaling)  # [H, G*P, L]
+        if self.row_norm:
+            a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        s = a.mean(dim=1)  # [H, L]
+        if self.value_norm:
+            index, _ = c.padded_index()
+            s = s * c.values[index].float().norm(dim=-1)
+        if self.pool > 1:
+            # Scores are >= 0, so zeros on the padding pool exactly like the implicit -inf edge.
+            s = torch.nn.functional.max_pool1d(s[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0]
+            s = s[:, : valid.shape[1]].masked_fill(~valid, 0.0)
+        s = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        return s[c.head_ids(), c.head_local_index()]

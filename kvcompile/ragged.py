@@ -1,0 +1,172 @@
+"""The one ragged KV type: one layer's kept tokens, a different number per KV head.
+
+Per-head budgets mean that KV head ``h`` of a layer keeps ``n_h`` tokens, and nothing
+is padded. A layer's KV is therefore flat rows grouped by head, with cu_seqlens-style
+offsets (architecture principle 9)::
+
+    keys      [N, head_dim]    rows of head 0, then head 1, ...; by position within a head
+    values    [N, head_dim]
+    positions [N]              each row's token position (int64)
+    offsets   [kv_heads + 1]   head h owns rows offsets[h]:offsets[h + 1]  (on the rows' device)
+    lengths   (n_0, ..., n_H-1) the same counts on the host, so shapes never need a sync
+
+The compiler produces it, the pack stores exactly these rows, the loader places it on
+the device once, and the attention (reference or Triton kernel) reads it. A model's KV
+is a ``list[RaggedKV]``, one per layer; a segment's rows are those whose positions lie
+in its token range (rows are sorted by position within each head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def _offsets(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    # Built on the host and copied: only where no device-side counts exist (reading a pack).
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int64).to(device)
+
+
+@dataclass(frozen=True, eq=False)
+class RaggedKV:
+    """One layer's KV with per-head lengths (see the module docstring for shapes)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    offsets: torch.Tensor
+    lengths: tuple[int, ...]
+
+    # -- construction ----------------------------------------------------------------
+
+    @classmethod
+    def from_rows(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                  lengths: Sequence[int], offsets: torch.Tensor | None = None) -> RaggedKV:
+        """Rows already grouped by head with ``lengths[h]`` rows for head ``h``.
+
+        ``offsets``: the same counts as a device tensor, where the caller has one (it
+        saves a blocking host-to-device copy).
+        """
+        lengths = tuple(int(n) for n in lengths)
+        return cls(keys, values, positions, _offsets(lengths, keys.device) if offsets is None else offsets, lengths)
+
+    @classmethod
+    def empty(cls, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str) -> RaggedKV:
+        rows = torch.empty(0, head_dim, dtype=dtype, device=device)
+        offsets = torch.zeros(kv_heads + 1, dtype=torch.int64, device=device)
+        return cls(rows, rows, torch.empty(0, dtype=torch.int64, device=device), offsets, (0,) * kv_heads)
+
+    @classmethod
+    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> RaggedKV:
+        """Every head holding ``t`` tokens: ``keys, values [kv_heads, t, head_dim]``; ``positions``
+        ``[t]`` (the same tokens in every head) or ``[kv_heads, t]``."""
+        heads, t, d = keys.shape
+        positions = positions.to(keys.device, torch.int64)
+        positions = positions.repeat(heads) if positions.dim() == 1 else positions.reshape(heads * t)
+        offsets = torch.arange(0, (heads + 1) * t, max(t, 1), device=keys.device)[: heads + 1] if t else \
+            torch.zeros(heads + 1, dtype=torch.int64, device=keys.device)
+        return cls(keys.reshape(heads * t, d), values.reshape(heads * t, d), positions, offsets, (t,) * heads)
+
+    @classmethod
+    def cat(cls, parts: Sequence[RaggedKV]) -> RaggedKV:
+        """Head by head, the rows of ``parts`` one after another (``[a_0 b_0 | a_1 b_1 | ...]``).
+
+        One gather for all heads: the rows of every part are stacked, then stably sorted
+        by head, which keeps each head's rows in part order.
+        """
+        parts = [p for p in parts if p.rows] or list(parts[:1])
+        if len(parts) == 1:
+            return parts[0]
+        heads = parts[0].heads
+        head = torch.cat([p.head_ids() for p in parts])
+        order = torch.sort(head, stable=True).indices
+        lengths = [sum(p.lengths[h] for p in parts) for h in range(heads)]
+        offsets = torch.stack([p.offsets for p in parts]).sum(0)
+        return cls.from_rows(torch.cat([p.keys for p in parts])[order], torch.cat([p.values for p in parts])[order],
+                             torch.cat([p.positions for p in parts])[order], lengths, offsets)
+
+    # -- shape -----------------------------------------------------------------------
+
+    @property
+    def heads(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths, default=0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[-1]
+
+    def head_ids(self) -> torch.Tensor:
+        """``[N]`` the KV head of each row."""
+        heads = torch.arange(self.heads, device=self.keys.device)
+        return heads.repeat_interleave(self.offsets.diff(), output_size=self.rows)
+
+    def padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``index [kv_heads, max_len]`` into the rows and ``valid [kv_heads, max_len]``.
+
+        Gathering with ``index`` pads every head to the longest one (padding repeats
+        row 0, or reads nothing when there are no rows); ``valid`` marks the real rows.
+        """
+        j = torch.arange(self.max_len, device=self.keys.device)
+        valid = j < self.offsets.diff()[:, None]
+        index = torch.where(valid, self.offsets[:-1, None] + j, 0)
+        return index, valid
+
+    def head_local_index(self) -> torch.Tensor:
+        """``[N]`` each row's index within its head (the column of :meth:`padded_index`)."""
+        head = self.head_ids()
+        return torch.arange(self.rows, device=self.keys.device) - self.offsets[head]
+
+    def head_counts(self, mask: torch.Tensor) -> torch.Tensor:
+        """``[kv_heads]`` how many rows of each head ``mask [N]`` selects (on the device)."""
+        counts = torch.zeros(self.heads, dtype=torch.int64, device=mask.device)
+        return counts.index_add_(0, self.head_ids(), mask.long())
+
+    # -- derived layers --------------------------------------------------------------
+
+    def take(self, mask: torch.Tensor, lengths: Sequence[int], counts: torch.Tensor | None = None) -> RaggedKV:
+        """The rows where ``mask [N]`` is true, which hold ``lengths[h]`` rows of head ``h``.
+
+        The caller knows the counts (one sync for all layers; ``counts`` is the same on
+        the device), so this never syncs: a stable sort puts the kept rows first, in order.
+        """
+        n = sum(lengths)
+        index = torch.sort((~mask).to(torch.uint8), stable=True).indices[:n]
+        offsets = None if counts is None else torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return RaggedKV.from_rows(self.keys[index], self.values[index], self.positions[index], lengths, offsets)
+
+    def where(self, mask: torch.Tensor) -> RaggedKV:
+        """The rows where ``mask [N]`` is true (syncs once to count them)."""
+        counts = self.head_counts(mask)
+        return self.take(mask, counts.tolist(), counts)
+
+    def span(self, lo: int, hi: int) -> RaggedKV:
+        """The rows whose positions lie in ``[lo, hi)``: one segment's rows."""
+        return self.where((self.positions >= lo) & (self.positions < hi))
+
+    def replace(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> RaggedKV:
+        """The same layout with other rows (same count) or positions."""
+        return RaggedKV(self.keys if keys is None else keys, self.values if values is None else values,
+                        self.positions if positions is None else positions, self.offsets, self.lengths)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> RaggedKV:
+        """On ``device`` (positions and offsets too), keys and values in ``dtype``."""
+        return RaggedKV(self.keys.to(device, dtype), self.values.to(device, dtype), self.positions.to(device),
+                        self.offsets.to(device), self.lengths)
+
+    def shifted(self, delta: int) -> RaggedKV:
+        """Positions moved by ``delta`` (rows unchanged)."""
+        return self.replace(positions=self.positions + delta) if delta else self

@@ -1,0 +1,154 @@
+"""Writing packs: the tensors and header of a compiled corpus, written atomically.
+
+docs/kvpack-format.md is the specification. The reader (kvcompile/pack.py) never
+imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .builder import BuildOptions, Compiled, segment_keys
+from .codecs import get_codec
+from .container import tensor_bytes, write_container
+from .corpus import Document
+from .errors import OptionError
+from .format import FORMAT_VERSION, encode_positions, zstd_frame
+from .models import LoadedModel
+from .recipe import Recipe
+from .rope import Rotary
+
+
+def model_identity(lm: LoadedModel) -> dict:
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {
+        "name": lm.name,
+        "fingerprint": lm.fingerprint,
+        "architecture": (cfg.architectures or [type(lm.model).__name__])[0],
+        "num_layers": cfg.num_hidden_layers,
+        "num_heads": cfg.num_attention_heads,
+        "num_kv_heads": cfg.num_key_value_heads,
+        "head_dim": head_dim,
+        "max_positions": lm.max_positions,
+        "rope": Rotary.of(lm.model) is not None,
+    }
+
+
+def pack_tensors_and_header(
+    compiled: Compiled, documents: list[Document], lm: LoadedModel, recipe: Recipe, options: BuildOptions
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything a pack holds: its tensors and its header (format spec, section 2)."""
+    tk = compiled.tokenized
+    codec = get_codec(options.codec)
+    tensors: dict[str, torch.Tensor] = {}
+    layer_entries = []
+    for li, layer in enumerate(compiled.layers):
+        entry = {}
+        for part, rows in (("keys", layer.keys), ("values", layer.values)):
+            named = codec.encode(rows)
+            names = {role: f"layers.{li}.{part}" + ("" if role == "data" else f".{role}") for role in named}
+            tensors.update({names[role]: t for role, t in named.items()})
+            entry[part] = {"codec": codec.name, **codec.params(), "tensors": names}
+        layer_entries.append(entry)
+    kept = [list(layer.lengths) for layer in compiled.layers]
+    tensors["positions"] = zstd_frame(encode_positions([layer.positions for layer in compiled.layers], kept))
+
+    seg_keys = segment_keys(documents, lm.fingerprint, recipe, options)
+    manifest, segments, offset = [], [], 0
+    for i, (d, ids, key) in enumerate(zip(documents, tk.doc_ids, seg_keys)):
+        manifest.append({"path": d.path, "sha256": d.sha256, "tokens": len(ids), "segment": i})
+        segments.append({"documents": [i], "tokens": [offset, offset + len(ids)], "key": key})
+        offset += len(ids)
+    manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    tensors["manifest"] = zstd_frame(manifest_bytes)
+
+    def part_bytes(part: str) -> int:
+        return sum(t.numel() * t.element_size() for n, t in tensors.items()
+                   if n.startswith("layers.") and n.split(".")[2] == part)
+
+    header = {
+        "format": "kvpack",
+        "version": list(FORMAT_VERSION),
+        "generator": f"kvcompile {__version__}",
+        "model": model_identity(lm),
+        "recipe": {"name": recipe.name, "source": recipe.source, "task_prompt": recipe.task_prompt(),
+                   "probes": list(recipe.probes)},
+        "options": {
+            "ratio": options.ratio, "budget": options.budget, "chunk_size": options.chunk_size, "sinks": options.sinks,
+            "scorer": {"name": options.scorer, **options.make_scorer().params()},
+            "selection": {"head_floor": options.head_floor},
+            "context": options.context,
+            "codec": {"name": codec.name, **codec.params()},
+        },
+        "framing": tk.framing.to_json(),
+        "corpus": {"documents": len(documents), "tokens": tk.corpus_tokens, "manifest": "manifest",
+                   "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                   "manifest_size": len(manifest_bytes)},
+        "cache": {"tokens": tk.total, "question_position": tk.total, "kept": kept, "positions": "positions",
+                  "layers": layer_entries},
+        "segments": segments,
+        "checksums": {n: hashlib.sha256(tensor_bytes(t)).hexdigest() for n, t in sorted(tensors.items())},
+        "payload_bytes": {"keys": part_bytes("keys"), "values": part_bytes("values"),
+                          "positions": tensors["positions"].numel(), "manifest": tensors["manifest"].numel()},
+    }
+    return tensors, header
+
+
+def check_output(path: str | os.PathLike) -> None:
+    """Refuse an output path that cannot become a pack, before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise OptionError(f"output {path} is a directory: give a file name such as {path / 'corpus.kvpack'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise OptionError(f"cannot write {path}: its directory is not writable")
+
+
+def write_pack(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict) -> int:
+    """Write atomically: a temporary file in the target directory, fsync, rename.
+
+    An interrupted or failing write leaves whatever was at ``path`` untouched.
+    """
+    path = Path(path)
+    check_output(path)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    metadata = {"kvpack": text, "kvpack_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
+    except OSError as e:
+        raise OptionError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            size = write_container(f, tensors, metadata)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OptionError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return size
+
+

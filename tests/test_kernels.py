@@ -1,0 +1,352 @@
+"""The Triton kernels of ``kvcompile.kernels`` against their PyTorch references, on CPU.
+
+The kernels run in Triton's interpreter (``TRITON_INTERPRET=1``: numpy on CPU tensors). Triton 3.x
+reads that variable whenever ``@triton.jit`` decorates a function: for our kernels when their
+module is imported, and for triton's own library functions that kernels call (``tl.cdiv``,
+``tl.max``, ``tl.sum``, ``tl.zeros``) when ``triton`` itself is first imported. A process is
+therefore either an interpreter process or a compiler process, for good: set too late, the
+interpreter fails with "Cannot call @triton.jit'd outside of the scope of a kernel"; set
+globally in a shared pytest process, it would turn the CUDA tests (``test_kernels_cuda.py``)
+and any other CUDA use of the kernels in that session into slow interpreter runs.
+
+So this module runs in-process only where that cannot hurt: ``TRITON_INTERPRET=1`` was already
+set by the caller, or the machine has no CUDA device and triton is not imported yet (then it sets
+the variable before importing triton). Anywhere else (a GPU machine, or triton imported earlier
+without it) the same tests run in a child pytest process with the variable set, reported by
+:func:`test_interpreter_suite_in_subprocess` (the only test collected in the parent).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, see above
+
+triton = pytest.importorskip("triton")
+
+from kvcompile.kernels import attention as attn  # noqa: E402
+from kvcompile.kernels import rope as rope_mod  # noqa: E402
+from triton.runtime import JITFunction  # noqa: E402
+
+# True when this process's triton (library and our kernels) runs in the interpreter.
+IN_PROCESS = (
+    os.environ.get("TRITON_INTERPRET") == "1"
+    and not isinstance(triton.language.standard.cdiv, JITFunction)
+    and attn._INTERPRETED
+)
+
+
+def test_interpreter_suite_in_subprocess():
+    if IN_PROCESS:
+        pytest.skip("this process is an interpreter process: the tests run here")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    output = f"{result.stdout[-8000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"interpreter tests failed in a child process:\n{output}"
+
+
+def test_kernels_are_interpreted():
+    assert attn._INTERPRETED
+    assert not isinstance(rope_mod._rope_kernel, JITFunction)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_inputs(
+    lengths,
+    batch=1,
+    group=4,
+    head_dim=64,
+    q_len=1,
+    t=1,
+    dtype=torch.float32,
+    views=False,
+    offsets_dtype=torch.int32,
+    seed=0,
+):
+    """Random inputs of :func:`ragged_attention` (a dict of its keyword arguments).
+
+    ``views``: query as a transpose view of ``[B, q_len, Hq, D]``, keys/values as ``buf[:, :, :t]``
+    of a longer buffer, prefix rows as a column slice of a wider tensor (non-unit row stride).
+    """
+    g = torch.Generator().manual_seed(seed)
+    heads = len(lengths)
+    rows = sum(lengths)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    if views:
+        prefix_keys = randn(rows, head_dim + 16)[:, 8 : 8 + head_dim]
+        prefix_values = randn(rows, 2 * head_dim)[:, head_dim:]
+        keys = randn(batch, heads, t + 5, head_dim)[:, :, :t]
+        values = randn(batch, heads, t + 3, head_dim)[:, :, :t]
+        query = randn(batch, q_len, heads * group, head_dim).transpose(1, 2)
+    else:
+        prefix_keys, prefix_values = randn(rows, head_dim), randn(rows, head_dim)
+        keys, values = randn(batch, heads, t, head_dim), randn(batch, heads, t, head_dim)
+        query = randn(batch, heads * group, q_len, head_dim)
+    offsets = torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=offsets_dtype)
+    return dict(
+        query=query,
+        prefix_keys=prefix_keys,
+        prefix_values=prefix_values,
+        offsets=offsets,
+        max_len=max(lengths),
+        keys=keys,
+        values=values,
+        scaling=head_dim**-0.5,
+    )
+
+
+TOLERANCE = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    # bf16 outputs may differ by one ulp (the interpreter truncates fp32 -> bf16)
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def check_attention(inputs, num_splits):
+    out = attn.ragged_attention(**inputs, num_splits=num_splits)
+    ref = attn.ragged_attention_reference(**inputs)
+    batch, q_heads, q_len, head_dim = inputs["query"].shape
+    assert out.shape == (batch, q_len, q_heads, head_dim) and out.is_contiguous()
+    assert out.dtype == inputs["query"].dtype
+    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCE[out.dtype])
+    return out
+
+
+# ----------------------------------------------------------------------------- attention kernel
+
+# (lengths per KV head, batch, group, head_dim, q_len, t, dtype, num_splits, views)
+CASES = {
+    "decode-g4-d64": ([0, 1, 63, 65], 2, 4, 64, 1, 1, torch.float32, 1, False),
+    "decode-g4-d64-splits": ([0, 1, 63, 65], 2, 4, 64, 1, 1, torch.float32, 3, False),
+    "decode-g8-d128-bf16": ([5, 0, 64, 1], 1, 8, 128, 1, 2, torch.bfloat16, 1, False),
+    "decode-g8-d128-bf16-splits": ([5, 0, 64, 1], 1, 8, 128, 1, 2, torch.bfloat16, 4, False),
+    "decode-g1-views": ([17, 0, 1], 2, 1, 64, 1, 3, torch.float32, 2, True),
+    "prefill-g4-t>q": ([9, 0, 33], 1, 4, 64, 5, 9, torch.float32, 1, False),
+    "prefill-g4-t>q-splits": ([9, 0, 33], 2, 4, 64, 5, 9, torch.float32, 3, True),
+    "prefill-g1-t=q": ([31, 1], 1, 1, 128, 7, 7, torch.float32, 1, False),
+    "prefill-g1-t=q-splits": ([31, 1], 1, 1, 128, 7, 7, torch.float32, 5, False),
+    "prefill-g8-bf16-views": ([3, 65], 2, 8, 64, 3, 4, torch.bfloat16, 2, True),
+    "prefill-fp16": ([12, 40], 1, 4, 64, 4, 6, torch.float16, 2, False),
+    # 20 tokens x 4 heads = 80 rows: two M tiles, the first one skips the late new tokens
+    "prefill-two-m-tiles": ([64, 2], 1, 4, 32, 20, 24, torch.float32, 1, False),
+    "prefill-two-m-tiles-splits": ([64, 2], 1, 4, 32, 20, 24, torch.float32, 3, True),
+    # more splits than key blocks: some splits own nothing at all
+    "many-empty-splits": ([1, 0, 2], 1, 4, 16, 2, 2, torch.float32, 8, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_ragged_attention_matches_reference(case):
+    lengths, batch, group, head_dim, q_len, t, dtype, splits, views = case
+    inputs = make_inputs(lengths, batch, group, head_dim, q_len, t, dtype, views=views, seed=len(lengths) + q_len)
+    check_attention(inputs, splits)
+
+
+def test_ragged_attention_auto_splits_int64_offsets():
+    # A 300-row head makes the automatic heuristic split decode (8 programs on a default 132 SMs).
+    inputs = make_inputs([300, 7, 0], group=4, head_dim=16, q_len=1, t=1, offsets_dtype=torch.int64)
+    assert attn.choose_num_splits(3, 300 + 1, attn.DEFAULT_SM_COUNT) == 2
+    check_attention(inputs, None)
+
+
+def test_split_count_does_not_change_the_result():
+    inputs = make_inputs([70, 0, 129], batch=1, group=4, head_dim=32, q_len=2, t=3)
+    outs = [check_attention(inputs, splits) for splits in (1, 2, 5)]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[2], outs[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_query_that_sees_nothing_gets_zeros(splits):
+    # t = 0: the queries see only the prefix; head 0 is empty, so its queries see nothing.
+    inputs = make_inputs([0, 5, 1], batch=2, group=2, head_dim=16, q_len=2, t=0)
+    out = check_attention(inputs, splits)
+    assert out[:, :, :2].abs().max() == 0
+    assert out[:, :, 2:].abs().min() > 0
+
+
+def test_non_contiguous_last_dim_is_copied():
+    inputs = make_inputs([5, 9], batch=2, group=2, head_dim=16, q_len=2, t=3)
+    inputs["query"] = torch.stack([inputs["query"], inputs["query"]], dim=-1)[..., 0]  # last-dim stride 2
+    inputs["prefix_keys"] = inputs["prefix_keys"].t().contiguous().t()  # column-major
+    assert inputs["query"].stride(-1) == 2 and inputs["prefix_keys"].stride(-1) != 1
+    check_attention(inputs, 2)
+
+
+def test_no_prefix_at_all_is_causal_attention():
+    inputs = make_inputs([0, 0], batch=1, group=2, head_dim=32, q_len=4, t=6)
+    out = check_attention(inputs, 2)
+    q, k, v = inputs["query"], inputs["keys"], inputs["values"]
+    mask = torch.ones(4, 6, dtype=torch.bool).tril(2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, sdpa.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_empty_inputs():
+    inputs = make_inputs([3, 4], batch=1, group=2, head_dim=16, q_len=1, t=1)
+    inputs["query"] = inputs["query"][:, :, :0]
+    assert attn.ragged_attention(**inputs).shape == (1, 0, 4, 16)
+
+
+def _head_dim_48(d):
+    for name in ("query", "keys", "values", "prefix_keys", "prefix_values"):
+        d[name] = d[name][..., :48]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_head_dim_48, "power of two"),
+        (lambda d: d.update(query=d["query"][:, :3]), "multiple"),
+        (lambda d: d.update(offsets=d["offsets"].float()), "offsets"),
+        (lambda d: d.update(offsets=d["offsets"][:-1]), "offsets"),
+        (lambda d: d.update(keys=d["keys"].half()), "dtype|share"),
+        (lambda d: d.update(prefix_values=d["prefix_values"][:, :32]), "prefix"),
+    ],
+)
+def test_invalid_inputs_raise(change, message):
+    inputs = make_inputs([3, 4], group=2, head_dim=64)
+    change(inputs)
+    with pytest.raises(ValueError, match=message):
+        attn.ragged_attention(**inputs)
+
+
+def test_choose_num_splits():
+    # 8 KV heads, one decode token, 30k-row prefix: fill 2 x 132 SMs.
+    assert attn.choose_num_splits(8, 30_000 + 1, 132) == 33
+    # short prefix: every split keeps >= MIN_KEYS_PER_SPLIT keys
+    assert attn.choose_num_splits(8, 1000, 132) == 4
+    assert attn.choose_num_splits(8, 200, 132) == 1
+    # prefill of 2048 tokens x 4 heads in 64-row tiles x 8 KV heads: already 1024 programs
+    assert attn.choose_num_splits(1024, 30_000, 132) == 1
+    assert attn.choose_num_splits(1, 10**7, 132) == attn.MAX_SPLITS
+
+
+# ----------------------------------------------------------------------------- the spec itself
+
+
+def attention_float64_loop(query, prefix_keys, prefix_values, offsets, max_len, keys, values, scaling):
+    """Independent of the reference: one softmax per (batch, query head, token), in float64."""
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, t = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    bounds = offsets.tolist()
+    out = torch.zeros(batch, q_len, q_heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for qh in range(q_heads):
+            h = qh // group
+            pk = prefix_keys[bounds[h] : bounds[h + 1]].double()
+            pv = prefix_values[bounds[h] : bounds[h + 1]].double()
+            for i in range(q_len):
+                visible = max(0, min(t, t - q_len + i + 1))  # new tokens 0 .. t - q_len + i
+                k = torch.cat([pk, keys[b, h, :visible].double()])
+                v = torch.cat([pv, values[b, h, :visible].double()])
+                if k.shape[0] == 0:
+                    continue
+                w = torch.softmax(k @ query[b, qh, i].double() * scaling, dim=0)
+                out[b, i, qh] = w @ v
+    return out
+
+
+@pytest.mark.parametrize(
+    "lengths, batch, group, q_len, t",
+    [([4, 0, 1], 2, 2, 1, 1), ([6, 3], 1, 4, 3, 5), ([0, 2], 1, 1, 4, 4), ([0, 3], 2, 2, 2, 0)],
+)
+def test_reference_matches_float64_loop(lengths, batch, group, q_len, t):
+    inputs = make_inputs(lengths, batch, group, 16, q_len, t, views=True)
+    ref = attn.ragged_attention_reference(**inputs)
+    torch.testing.assert_close(ref.double(), attention_float64_loop(**inputs), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+@pytest.mark.parametrize(
+    "rows, head_dim, rotary, dtype, views",
+    [
+        (37, 64, 64, torch.float32, False),
+        (37, 64, 32, torch.float32, True),  # partial rotary
+        (50, 128, 128, torch.bfloat16, False),
+        (50, 128, 96, torch.bfloat16, True),  # R / 2 = 48: not a power of two
+        (33, 64, 48, torch.float16, False),
+        (5, 32, 0, torch.float32, False),  # nothing rotated
+    ],
+)
+def test_rope_matches_reference(rows, head_dim, rotary, dtype, views):
+    g = torch.Generator().manual_seed(rows + rotary)
+    x = torch.randn(rows, head_dim + (8 if views else 0), generator=g).to(dtype)[:, :head_dim]
+    angles = torch.randn(rows, rotary // 2, generator=g) * 10
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
+    if views:
+        cos, sin = cos.t().contiguous().t(), sin.t().contiguous().t()  # column-major
+    out = rope_mod.rope(x, cos, sin)
+    ref = rope_mod.rope_reference(x, cos, sin)
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(out[:, rotary:], x[:, rotary:], atol=0, rtol=0)
+
+
+def test_rope_reference_is_a_rotation():
+    # Pairs (c, c + R/2) rotate by the angle of channel c: compare with complex multiplication.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 24, generator=g, dtype=torch.float64)
+    angles = torch.randn(9, 8, generator=g, dtype=torch.float64)
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
+    z = torch.complex(x[:, :8], x[:, 8:16]) * torch.polar(torch.ones_like(angles), angles)
+    expected = torch.cat([z.real, z.imag, x[:, 16:]], dim=-1)
+    torch.testing.assert_close(rope_mod.rope_reference(x, cos, sin), expected)
+
+
+def test_rope_invalid_inputs_raise():
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError):
+        rope_mod.rope(x, torch.randn(4, 5), torch.randn(4, 5))  # odd R
+    with pytest.raises(ValueError):
+        rope_mod.rope(x, torch.randn(4, 32), torch.randn(4, 32))  # R > D
+    with pytest.raises(ValueError):
+        rope_mod.rope(x, torch.randn(3, 8), torch.randn(3, 8))  # rows differ
+
+
+# ----------------------------------------------------------------------------- packaging
+
+
+def test_package_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import kvcompile.kernels as k\n"
+        "assert not k.triton_available()\n"
+        "try:\n    k.ragged_attention\nexcept ImportError:\n    pass\n"
+        "else:\n    raise AssertionError('no ImportError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_lazy_exports():
+    import kvcompile.kernels as k
+
+    assert k.triton_available()
+    assert callable(k.ragged_attention) and callable(k.rope_reference)
+    assert set(k.__all__) >= {"ragged_attention", "ragged_attention_reference", "rope", "rope_reference"}
+    assert math.isclose(attn.LOG2E, 1 / math.log(2))
+
+
+if not IN_PROCESS:
+    # The tests above run in the child process of test_interpreter_suite_in_subprocess; collect only that one here.
+    for _name in [n for n in globals() if n.startswith("test_") and n != "test_interpreter_suite_in_subprocess"]:
+        del globals()[_name]

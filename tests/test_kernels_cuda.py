@@ -1,0 +1,185 @@
+"""The Triton kernels of ``kvcompile.kernels`` against their PyTorch references on a CUDA device.
+
+Realistic shapes (32 query heads over 8 KV heads, head_dim 128, ragged prefixes of about 5k rows
+per head, up to 30k), compiled kernels. Skipped without a CUDA device or without triton. Run it in
+a process where ``TRITON_INTERPRET`` is unset (``tests/test_kernels.py`` never sets it in a
+process that has a CUDA device): ``python -m pytest -q tests/test_kernels_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DEVICE = "cuda"
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """``(attention module, rope module)``, compiled (never interpreted)."""
+    pytest.importorskip("triton")
+    from kvcompile.kernels import attention, rope
+
+    if attention._INTERPRETED or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process: run the CUDA tests in a process without it")
+    return attention, rope
+
+
+def make_inputs(lengths, batch, group, head_dim, q_len, t, dtype, views=False, q_std=3.0, seed=0):
+    """Random inputs of ``ragged_attention`` on the GPU (a dict of its keyword arguments).
+
+    Queries have standard deviation ``q_std`` so the softmax is peaked, not a near-uniform average
+    of thousands of values (which would make any output look right). ``views``: query as the
+    transpose of ``[B, q_len, Hq, D]`` (as a model's projection gives it), keys/values as
+    ``buf[:, :, :t]`` of a preallocated buffer, prefix keys/values as the halves of one ``[N, 2D]``.
+    """
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    heads, rows = len(lengths), sum(lengths)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, device=DEVICE) * std).to(dtype)
+
+    if views:
+        prefix = randn(rows, 2 * head_dim)
+        prefix_keys, prefix_values = prefix[:, :head_dim], prefix[:, head_dim:]
+        capacity = t + 37
+        keys = randn(batch, heads, capacity, head_dim)[:, :, :t]
+        values = randn(batch, heads, capacity, head_dim)[:, :, :t]
+        query = randn(batch, q_len, heads * group, head_dim, std=q_std).transpose(1, 2)
+    else:
+        prefix_keys, prefix_values = randn(rows, head_dim), randn(rows, head_dim)
+        keys, values = randn(batch, heads, t, head_dim), randn(batch, heads, t, head_dim)
+        query = randn(batch, heads * group, q_len, head_dim, std=q_std)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return dict(
+        query=query,
+        prefix_keys=prefix_keys,
+        prefix_values=prefix_values,
+        offsets=offsets,
+        max_len=max(lengths),
+        keys=keys,
+        values=values,
+        scaling=head_dim**-0.5,
+    )
+
+
+# Element-wise tolerance, and a bound on ||out - ref|| / ||ref||.
+TOLERANCE = {
+    torch.float32: (dict(atol=1e-4, rtol=1e-4), 1e-5),
+    torch.float16: (dict(atol=2e-3, rtol=1e-2), 2e-3),
+    torch.bfloat16: (dict(atol=1e-2, rtol=2e-2), 1e-2),
+}
+
+
+def check(attention, inputs, num_splits=None):
+    out = attention.ragged_attention(**inputs, num_splits=num_splits)
+    ref = attention.ragged_attention_reference(**inputs)
+    batch, q_heads, q_len, head_dim = inputs["query"].shape
+    assert out.shape == (batch, q_len, q_heads, head_dim) and out.is_contiguous()
+    assert out.dtype == inputs["query"].dtype and out.device == inputs["query"].device
+    elementwise, relative = TOLERANCE[out.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), **elementwise)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < relative
+    return out
+
+
+# ~5k rows per KV head, ragged, with an empty head and a one-row head.
+LENGTHS_5K = [4811, 5377, 0, 1, 5120, 4999, 6143, 3001]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("q_len, t", [(1, 1), (1, 17), (64, 64), (64, 100)])
+@pytest.mark.parametrize("splits", [None, 1])
+def test_attention_realistic_bf16(kernels, batch, q_len, t, splits):
+    attention, _ = kernels
+    inputs = make_inputs(LENGTHS_5K, batch, 4, 128, q_len, t, torch.bfloat16, views=batch == 2, seed=q_len + t)
+    check(attention, inputs, splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("q_len, t", [(1, 1), (64, 80)])
+def test_attention_realistic_other_dtypes(kernels, dtype, q_len, t):
+    attention, _ = kernels
+    check(attention, make_inputs(LENGTHS_5K, 1, 4, 128, q_len, t, dtype, views=True))
+
+
+def test_attention_long_prefix_decode(kernels):
+    """8 KV heads x ~30k rows, one decode token: the case the split heuristic exists for."""
+    attention, _ = kernels
+    lengths = [30_000, 29_517, 30_720, 12_345, 30_001, 28_000, 1, 30_000]
+    inputs = make_inputs(lengths, 1, 4, 128, 1, 1, torch.bfloat16)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    assert attention.choose_num_splits(8, max(lengths) + 1, sms) > 8
+    out = check(attention, inputs)
+    torch.testing.assert_close(out, check(attention, inputs, 1), atol=1e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "group, head_dim, q_len, t",
+    [(1, 64, 1, 1), (8, 64, 1, 5), (1, 128, 48, 48), (8, 128, 33, 40), (2, 256, 1, 1), (2, 256, 16, 20)],
+)
+def test_attention_groups_and_head_dims(kernels, group, head_dim, q_len, t):
+    attention, _ = kernels
+    lengths = [1500, 0, 777, 2048, 1, 1023, 64, 65]
+    for splits in (None, 1, 7):
+        check(attention, make_inputs(lengths, 2, group, head_dim, q_len, t, torch.bfloat16, views=True), splits)
+
+
+def test_attention_fp32_head_dim_256(kernels):
+    """fp32 with D = 256 caps the tile at 32 rows (shared memory); 40 tokens x 2 heads need 3 tiles."""
+    attention, _ = kernels
+    for splits in (None, 1, 3):
+        check(attention, make_inputs([700, 0, 1, 333], 1, 2, 256, 40, 41, torch.float32, views=True), splits)
+
+
+def test_attention_large_prefill_chunk(kernels):
+    """A prefill chunk of 512 tokens: many M tiles, so the heuristic keeps one split."""
+    attention, _ = kernels
+    inputs = make_inputs(LENGTHS_5K, 1, 4, 128, 512, 512, torch.bfloat16, views=True)
+    check(attention, inputs)
+
+
+def test_attention_no_visible_keys_and_int64_offsets(kernels):
+    attention, _ = kernels
+    inputs = make_inputs([0, 300, 0, 5000], 2, 4, 128, 3, 0, torch.bfloat16)
+    inputs["offsets"] = inputs["offsets"].long()
+    out = check(attention, inputs, 4)
+    assert out[:, :, :4].abs().max().item() == 0 and out[:, :, 8:12].abs().max().item() == 0
+
+
+def test_attention_makes_no_host_sync(kernels):
+    """No .item()/.tolist() on device tensors: safe to call in a decode loop (and to graph-capture)."""
+    attention, _ = kernels
+    inputs = make_inputs(LENGTHS_5K, 1, 4, 128, 1, 1, torch.bfloat16)
+    attention.ragged_attention(**inputs)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        attention.ragged_attention(**inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim, rotary",
+    [(torch.bfloat16, 128, 128), (torch.bfloat16, 128, 64), (torch.float16, 64, 64), (torch.float32, 128, 96)],
+)
+def test_rope(kernels, dtype, head_dim, rotary):
+    _, rope = kernels
+    rows = 8 * 5000 + 3
+    g = torch.Generator(device=DEVICE).manual_seed(rotary)
+    x = torch.randn(rows, head_dim, generator=g, device=DEVICE).to(dtype)
+    positions = torch.arange(rows, device=DEVICE, dtype=torch.float32)[:, None]
+    inv_freq = 10000.0 ** (-torch.arange(0, rotary, 2, device=DEVICE, dtype=torch.float32) / rotary)
+    angles = torch.cat([positions * inv_freq] * 2, dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    out = rope.rope(x, cos, sin)
+    ref = rope.rope_reference(x, cos, sin)
+    assert out.dtype == dtype and out.shape == x.shape
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(out[:, rotary:], x[:, rotary:], atol=0, rtol=0)
