@@ -12,7 +12,8 @@ Two implementations of the same function, both one call per layer for all heads:
   reads the ragged rows directly (flash-decoding, split over the prefix);
 - elsewhere, :func:`padded_attention`: the layer's prefix is padded to its longest head
   once per question (:class:`~kvcompile.cache.PackLayer` keeps it in the same buffer as
-  the new tokens), and a single SDPA call with a mask attends over it. Padding costs
+  the new tokens, with a bias channel that hides the padding), and a single SDPA call
+  attends over it. Padding costs
   compute, not storage: the pack and the loaded prefix stay ragged.
 
 Both are registered with transformers' ``AttentionInterface`` as ``"kvcompile"``. The
@@ -48,28 +49,34 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor |
     return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
 
 
-def padded_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix_valid: torch.Tensor,
-                     pad: int, scaling: float) -> torch.Tensor:
-    """The reference: one SDPA call over ``[prefix padded to pad | new tokens]``.
+def padding_bias(dtype: torch.dtype, scaling: float) -> float:
+    """The bias channel's value on padded rows: after scaling a logit of about -1e4 (exp() is 0),
+    and never beyond the dtype's range."""
+    return max(-1e4 / scaling, torch.finfo(dtype).min / 4)
+
+
+def padded_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The reference: one SDPA call over ``[prefix padded to the longest head | new tokens]``.
 
     query: ``[batch, q_heads, q_len, head_dim]``, the last ``q_len`` of the new tokens.
-    keys, values: ``[batch, kv_heads, pad + t, head_dim]``: each head's prefix padded to
-        ``pad`` rows, then the ``t`` new tokens.
-    prefix_valid: ``[1, q_heads, 1, pad + t]`` bool, False on padding (new tokens True).
+    keys, values: ``[batch, kv_heads, pad + t, head_dim + 1]``: each head's prefix padded
+        to ``pad`` rows, then the ``t`` new tokens. The extra channel of ``keys`` is a
+        bias, 0 on real rows and :func:`padding_bias` on padding; that of ``values`` is 0.
     Returns ``[batch, q_len, q_heads, head_dim]`` (transformers' layout).
+
+    The query gets a channel of ones, so padding is hidden by the scores themselves and
+    the only mask is the causal one among the new tokens (``[q_len, pad + t]``, shared by
+    all heads). A mask per head and query would cost more than the attention on a CPU.
     """
     q_len, kv_len = query.shape[2], keys.shape[2]
-    mask = prefix_valid
-    if q_len > 1:  # new token i sees new tokens up to itself
-        causal = causal_mask(q_len, kv_len - pad, query.device)
-        heads = prefix_valid.shape[1]
-        mask = torch.cat([prefix_valid[..., :pad].expand(-1, -1, q_len, -1), causal.expand(1, heads, -1, -1)], dim=-1)
+    query = torch.cat([query, query.new_ones(*query.shape[:-1], 1)], dim=-1)
+    mask = causal_mask(q_len, kv_len, query.device)  # bottom-right: the whole prefix is visible
     if query.is_cuda:
         with sdpa_kernel(_STABLE_BACKENDS):
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
     else:
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2)
+    return out[..., :-1].transpose(1, 2)
 
 
 @cache
@@ -91,8 +98,9 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
     """The function transformers calls once ``"kvcompile"`` is selected.
 
     With a :class:`~kvcompile.cache.PackLayer` as ``key`` it attends over the pack; with
-    plain tensors (no pack cache in use) it is ordinary causal attention, so a model
-    switched to this implementation still works for everything else.
+    plain tensors (no pack cache in use) it is ordinary causal attention. transformers
+    builds no padding mask for this implementation, so batches with left padding are not
+    supported inside :func:`pack_attention` (kvcompile's own calls never pad).
     """
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer = key
@@ -109,9 +117,8 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
         p = layer.prefix
         out = _kernel()(query, p.keys, p.values, p.offsets, p.max_len, layer.new_keys, layer.new_values, scaling)
         return out, None
-    out = padded_attention(query, layer.padded_keys, layer.padded_values, layer.valid_mask(query.shape[1]),
-                           layer.pad, scaling)
-    return out.contiguous(), None
+    layer.check_scaling(scaling)
+    return padded_attention(query, layer.padded_keys, layer.padded_values, scaling).contiguous(), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvcompile_attention)
@@ -119,12 +126,21 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, kvcompile_attention)
 
 @contextmanager
 def pack_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Inside the block, ``model`` attends with ``"kvcompile"``; on exit, as it was before."""
-    previous = model.config._attn_implementation
-    if previous != ATTN_IMPLEMENTATION:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    """Inside the block, ``model`` attends with ``"kvcompile"``; when the last open block
+    exits, with what it had before.
+
+    Blocks may nest or interleave (two answers streamed in turn on one model): a count on
+    the model keeps it switched until every block has exited.
+    """
+    depth = getattr(model, "_kvcompile_scopes", 0)
+    if depth == 0:
+        model._kvcompile_previous = model.config._attn_implementation
+        if model._kvcompile_previous != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model._kvcompile_scopes = depth + 1
     try:
         yield model
     finally:
-        if previous != ATTN_IMPLEMENTATION:
-            model.set_attn_implementation(previous)
+        model._kvcompile_scopes -= 1
+        if model._kvcompile_scopes == 0 and model._kvcompile_previous != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(model._kvcompile_previous)

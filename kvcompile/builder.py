@@ -98,11 +98,6 @@ class Tokenized:
         return self.prefix_ids + [t for d in self.doc_ids for t in d]
 
 
-# One document's kept KV: one RaggedKV per layer, rows as stored (pre-RoPE keys, through
-# the codec's round trip), positions relative to the document's first token.
-Segment = list[RaggedKV]
-
-
 @dataclass
 class Compiled:
     """The result of compilation, before encoding: one :class:`RaggedKV` per layer, rows
@@ -187,10 +182,10 @@ class _Compiler:
         keys = self.rotary.undo(kv.keys, kv.positions) if self.rotary is not None else kv.keys
         return kv.replace(keys=self.codec.roundtrip(keys), values=self.codec.roundtrip(kv.values))
 
-    def attendable(self, seg: Segment, origin: int) -> list[RaggedKV]:
+    def attendable(self, seg: RaggedKV, origin: int) -> RaggedKV:
         """A stored segment as later tokens attend to it, placed exactly as a pack is loaded
         (so reused and fresh segments give the same context)."""
-        return [place(layer, self.rotary, self.device, self.dtype, shift=origin) for layer in seg]
+        return place(seg, self.rotary, self.device, self.dtype, shift=origin)
 
     def prefill(self, ids: torch.Tensor, cache: PackCache) -> None:
         t0 = time.perf_counter()
@@ -199,57 +194,81 @@ class _Compiler:
             torch.cuda.synchronize(self.device)
         self.seconds["prefill"] += time.perf_counter() - t0
 
+    def new_tokens(self, cache: PackCache, n: int, positions: torch.Tensor) -> tuple[RaggedKV, torch.Tensor]:
+        """The first ``n`` new tokens of every layer of ``cache``, stacked (layer-major heads), and
+        the keys of the rest (the probe) ``[layers x kv_heads, rest, head_dim]``."""
+        keys = torch.stack([layer.new_keys[0] for layer in cache.layers])  # [layers, kv_heads, t, head_dim]
+        values = torch.stack([layer.new_values[0] for layer in cache.layers])
+        heads, d = self.layers * self.kv_heads, self.head_dim
+        kv = RaggedKV.from_dense(keys[:, :, :n].reshape(heads, n, d), values[:, :, :n].reshape(heads, n, d), positions)
+        return kv, keys[:, :, n:].reshape(heads, keys.shape[2] - n, d)
+
+    def score(self, candidates: RaggedKV, probe_keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Scores ``[N]`` of stacked candidates, as many heads per scorer call as keep the probe's
+        attention matrix ``[heads, group x probe, candidates]`` under a size: 256 MiB on a GPU,
+        where every call costs a launch per op, 4 MiB on a CPU, where a matrix that stays in
+        cache is faster than one big pass."""
+        heads = candidates.heads
+        group = queries.shape[0] // heads
+        n_probe = probe_keys.shape[1]
+        per_head = group * n_probe * (candidates.max_len + n_probe) * 4
+        most = max(1, ((256 if self.device.type == "cuda" else 4) << 20) // max(per_head, 1))
+        per_call = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= most)
+        scaling = self.head_dim**-0.5
+        return torch.cat([
+            self.scorer.score(LayerView(part, probe_keys[i * per_call : (i + 1) * per_call],
+                                        queries[i * per_call * group : (i + 1) * per_call * group], scaling))
+            for i, part in enumerate(candidates.split(heads // per_call))])
+
     @torch.no_grad()
-    def segment(self, ids: list[int], origin: int, context: list[list[RaggedKV]], target: int, protect: int,
-                progress=None) -> Segment:
-        """Compile one document's tokens at positions ``origin...`` after ``context`` (per
-        layer, the attendable parts that precede it, in order).
+    def segment(self, ids: list[int], origin: int, context: list[RaggedKV], target: int, protect: int,
+                progress=None) -> RaggedKV:
+        """Compile one document's tokens at positions ``origin...`` after ``context`` (the
+        attendable parts that precede it, in order, every layer stacked).
 
         Chunked prefill ``[context | kept of this document | chunk | task prompt]``; the
         layer's budget (``target`` per head on average) grows with the share of the
         document seen, so earlier survivors of this document compete again. ``protect``:
-        positions below it are always kept (sinks beyond the framing). Scoring and
-        selection run on all heads of a layer at once; the kept counts of all layers come
-        back to the host in one sync per chunk.
+        positions below it are always kept (sinks beyond the framing). Concatenation,
+        scoring and selection run on every layer and head at once (stacked); the kept
+        counts come back to the host in one transfer per chunk. Returns the kept KV as
+        stored, every layer stacked, positions relative to ``origin``.
         """
         o = self.options
         stream = torch.tensor(ids, dtype=torch.long, device=self.device)
-        kept = [RaggedKV.empty(self.kv_heads, self.head_dim, self.dtype, self.device)] * self.layers  # post-RoPE
+        kept = RaggedKV.empty(self.layers * self.kv_heads, self.head_dim, self.dtype, self.device)  # post-RoPE
         for start in range(0, len(ids), o.chunk_size):
             chunk = stream[start : start + o.chunk_size]
             n, end = chunk.numel(), start + chunk.numel()
             budget = layer_budget(target, end, len(ids), self.kv_heads)
-            n_probe = self.probe.numel() if budget < kept[0].rows + self.kv_heads * n else 0
+            n_probe = self.probe.numel() if budget < kept.rows // self.layers + self.kv_heads * n else 0
             x = torch.cat([chunk, self.probe]) if n_probe else chunk
-            cache = PackCache([RaggedKV.cat([*parts, k]) for parts, k in zip(context, kept)], start=origin + start,
-                              capture_queries=n_probe, capacity=x.numel())
+            prefixes = RaggedKV.cat([*context, kept]).split(self.layers)
+            cache = PackCache(prefixes, start=origin + start, capture_queries=n_probe, capacity=x.numel())
             self.prefill(x, cache)
             t1 = time.perf_counter()
-            chunk_pos = torch.arange(origin + start, origin + end, device=self.device)
-            candidates = [RaggedKV.cat([k, RaggedKV.from_dense(layer.new_keys[0, :, :n], layer.new_values[0, :, :n],
-                                                                chunk_pos)])
-                          for k, layer in zip(kept, cache.layers)]
+            chunk_kv, probe_keys = self.new_tokens(cache, n, torch.arange(origin + start, origin + end,
+                                                                             device=self.device))
+            candidates = RaggedKV.cat([kept, chunk_kv])
             if n_probe:
-                masks = []
-                for cand, layer in zip(candidates, cache.layers):
-                    view = LayerView(cand, layer.new_keys[0, :, n:], layer.queries[0], self.head_dim**-0.5)
-                    masks.append(select(self.scorer.score(view), cand, budget, cand.positions - origin < protect,
-                                        o.head_floor))
-                counts = torch.stack([c.head_counts(m) for c, m in zip(candidates, masks)])
-                lengths = counts.tolist()  # the one host sync of the chunk
-                candidates = [c.take(m, n_h, c_h) for c, m, n_h, c_h in zip(candidates, masks, lengths, counts)]
+                queries = torch.cat([layer.queries[0] for layer in cache.layers])  # [layers x q_heads, probe, D]
+                keep = select(self.score(candidates, probe_keys, queries), candidates, budget,
+                              candidates.positions - origin < protect, o.head_floor, self.layers)
+                counts = candidates.head_counts(keep)
+                candidates = candidates.take(keep, counts.tolist(), counts)  # the one host sync of the chunk
             kept = candidates
             self.seconds["score"] += time.perf_counter() - t1
             if progress is not None:
                 progress(end)
-        return [self.stored(k).shifted(-origin) for k in kept]
+        return self.stored(kept).shifted(-origin)
 
 
 @torch.no_grad()
 def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progress=None,
-                   reused: dict[int, Segment] | None = None) -> Compiled:
-    """Compile every document into a segment (or take it from ``reused``, by document index)
-    and assemble the pack's KV in corpus order.
+                   reused: dict[int, list[RaggedKV]] | None = None) -> Compiled:
+    """Compile every document into a segment (or take it from ``reused``, by document index:
+    one RaggedKV per layer, as :meth:`Pack.segments` gives them) and assemble the pack's KV
+    in corpus order.
 
     The framing prefix is prefilled once and kept whole. In ``independent`` mode each
     document is compiled right after the framing (at the positions that follow it) and
@@ -258,10 +277,11 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progre
     the number of tokens compiled so far.
     """
     with pack_attention(lm.model):
-        return _compile(_Compiler(tk, options, lm), tk, options, progress, reused or {})
+        stacked = {d: RaggedKV.stack(seg) for d, seg in (reused or {}).items()}
+        return _compile(_Compiler(tk, options, lm), tk, options, progress, stacked)
 
 
-def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, progress, reused: dict[int, Segment]) -> Compiled:
+def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, progress, reused: dict[int, RaggedKV]) -> Compiled:
     n_prefix = len(tk.prefix_ids)
     starts = [n_prefix]
     for ids in tk.doc_ids:
@@ -272,19 +292,18 @@ def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, progress, reuse
     empty = RaggedKV.empty(c.kv_heads, c.head_dim, c.dtype, c.device)
     cache = PackCache([empty] * c.layers, start=0, capacity=n_prefix)
     c.prefill(torch.tensor(tk.prefix_ids, device=c.device), cache)
-    pos = torch.arange(n_prefix, device=c.device)
-    framing = [c.stored(RaggedKV.from_dense(layer.new_keys[0], layer.new_values[0], pos)) for layer in cache.layers]
+    framing = c.stored(c.new_tokens(cache, n_prefix, torch.arange(n_prefix, device=c.device))[0])
     framing_ctx = c.attendable(framing, 0)
 
-    segments: list[Segment] = []
-    chained = [[layer] for layer in framing_ctx]  # per layer: the framing, then each placed segment
+    segments: list[RaggedKV] = []
+    chained = [framing_ctx]  # the framing, then each placed segment
     done = n_prefix
     for d, ids in enumerate(tk.doc_ids):
         if d in reused:
             seg = reused[d]
         else:
             origin = n_prefix if options.context == "independent" else starts[d]
-            context = [[layer] for layer in framing_ctx] if options.context == "independent" else chained
+            context = [framing_ctx] if options.context == "independent" else chained
             report = (lambda n, done=done: progress(done + n)) if progress else None
             seg = c.segment(ids, origin, context, max(1, round(ratio * len(ids))), options.sinks - starts[d], report)
         segments.append(seg)
@@ -292,10 +311,7 @@ def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, progress, reuse
         if progress is not None:
             progress(done)
         if options.context == "chained":
-            for parts, layer in zip(chained, c.attendable(seg, starts[d])):
-                parts.append(layer)
+            chained.append(c.attendable(seg, starts[d]))
 
-    layers = [RaggedKV.cat([framing[li].to("cpu"), *(seg[li].to("cpu").shifted(start)
-                                                      for seg, start in zip(segments, starts))])
-              for li in range(c.layers)]
-    return Compiled(layers, tk, c.seconds)
+    every = RaggedKV.cat([framing.to("cpu"), *(seg.to("cpu").shifted(start) for seg, start in zip(segments, starts))])
+    return Compiled(every.split(c.layers), tk, c.seconds)

@@ -13,7 +13,7 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .attention import uses_kernel
+from .attention import padding_bias, uses_kernel
 from .ragged import RaggedKV
 
 _GROW = 256  # new-token slots added when a buffer is full (amortises the copy)
@@ -22,10 +22,12 @@ _GROW = 256  # new-token slots added when a buffer is full (amortises the copy)
 class PackLayer(CacheLayerMixin):
     """One layer: a ragged prefix plus the dense tokens appended since.
 
-    The new tokens live in ``buffer [2, batch, kv_heads, pad + capacity, head_dim]``. On
-    CUDA ``pad`` is 0 and the Triton kernel reads the ragged prefix itself. Elsewhere
-    (``pad`` = the longest head) the prefix is gathered into the first ``pad`` rows once,
-    padded, so the reference attention is one SDPA call over a view of the buffer.
+    The new tokens live in ``buffer [2, batch, kv_heads, pad + capacity, width]``. On
+    CUDA ``pad`` is 0, ``width`` is head_dim, and the Triton kernel reads the ragged
+    prefix itself. Elsewhere (``pad`` = the longest head) the prefix is gathered into the
+    first ``pad`` rows once, padded, and ``width`` is head_dim + 1: the keys' extra
+    channel is the bias that hides the padding (:func:`~kvcompile.attention.padded_attention`),
+    so the reference attention is one SDPA call over a view of the buffer.
     """
 
     is_sliding = False
@@ -42,7 +44,7 @@ class PackLayer(CacheLayerMixin):
         self.length = 0
         self.pad = None if uses_kernel(prefix.keys.device) else prefix.max_len
         self.buffer: torch.Tensor | None = None
-        self._valid: torch.Tensor | None = None
+        self.scaling: float | None = None
         self.dtype, self.device = prefix.keys.dtype, prefix.keys.device
         self.is_initialized = True
 
@@ -54,17 +56,26 @@ class PackLayer(CacheLayerMixin):
         pass
 
     def _allocate(self, batch: int, need: int) -> None:
-        pad = self.pad or 0
+        pad, p = self.pad or 0, self.prefix
         capacity = max(need, self.capacity, 2 * (self.buffer.shape[3] - pad) if self.buffer is not None else 0)
-        p = self.prefix
-        buffer = p.keys.new_zeros(2, batch, p.heads, pad + capacity, p.head_dim)
+        width = p.head_dim + (self.pad is not None)
+        buffer = p.keys.new_zeros(2, batch, p.heads, pad + capacity, width)
         if self.buffer is not None:
             buffer[..., : pad + self.length, :] = self.buffer[..., : pad + self.length, :]
         elif pad:
-            index, _ = p.padded_index()
-            buffer[0, :, :, :pad] = p.keys[index] if p.rows else 0
-            buffer[1, :, :, :pad] = p.values[index] if p.rows else 0
+            index, valid = p.padded_index()
+            buffer[0, :, :, :pad, :-1] = p.keys[index] if p.rows else 0
+            buffer[1, :, :, :pad, :-1] = p.values[index] if p.rows else 0
+            buffer[0, :, :, :pad, -1] = torch.where(valid, 0.0, padding_bias(p.keys.dtype, self.scaling))
         self.buffer = buffer
+
+    def check_scaling(self, scaling: float) -> None:
+        """The padding bias is sized for the attention's scale, assumed to be head_dim ** -0.5 when
+        the buffer was made; a model with another scale gets the bias rewritten once."""
+        if scaling != self.scaling and self.pad:
+            _, valid = self.prefix.padded_index()
+            self.buffer[0, :, :, : self.pad, -1] = torch.where(valid, 0.0, padding_bias(self.dtype, scaling))
+            self.scaling = scaling
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[batch, kv_heads, t, head_dim]``; hand the layer itself to the attention.
@@ -72,13 +83,15 @@ class PackLayer(CacheLayerMixin):
         Returning the layer (not tensors) makes any attention function other than
         ``"kvcompile"`` fail loudly instead of silently ignoring the pack.
         """
-        t = key_states.shape[2]
+        t, d = key_states.shape[2], key_states.shape[3]
         pad = self.pad or 0
         if self.buffer is None or self.buffer.shape[3] < pad + self.length + t:
+            if self.scaling is None:
+                self.scaling = d**-0.5
             self._allocate(key_states.shape[0], self.length + t + (_GROW if self.buffer is not None else 0))
         at = pad + self.length
-        self.buffer[0, :, :, at : at + t] = key_states
-        self.buffer[1, :, :, at : at + t] = value_states
+        self.buffer[0, :, :, at : at + t, :d] = key_states
+        self.buffer[1, :, :, at : at + t, :d] = value_states
         self.length += t
         return self, self
 
@@ -88,30 +101,22 @@ class PackLayer(CacheLayerMixin):
     def new_keys(self) -> torch.Tensor:
         """The new tokens' keys ``[batch, kv_heads, t, head_dim]`` (a view of the buffer)."""
         pad = self.pad or 0
-        return self.buffer[0, :, :, pad : pad + self.length]
+        return self.buffer[0, :, :, pad : pad + self.length, : self.prefix.head_dim]
 
     @property
     def new_values(self) -> torch.Tensor:
         pad = self.pad or 0
-        return self.buffer[1, :, :, pad : pad + self.length]
+        return self.buffer[1, :, :, pad : pad + self.length, : self.prefix.head_dim]
 
     @property
     def padded_keys(self) -> torch.Tensor:
-        """``[batch, kv_heads, pad + t, head_dim]``: the padded prefix, then the new tokens."""
+        """``[batch, kv_heads, pad + t, head_dim + 1]``: the padded prefix, then the new tokens,
+        and the bias channel."""
         return self.buffer[0, :, :, : self.pad + self.length]
 
     @property
     def padded_values(self) -> torch.Tensor:
         return self.buffer[1, :, :, : self.pad + self.length]
-
-    def valid_mask(self, q_heads: int) -> torch.Tensor:
-        """``[1, q_heads, 1, pad + t]`` bool: False on the padding of each head's prefix."""
-        if self._valid is None or self._valid.shape[-1] < self.buffer.shape[3]:
-            _, valid = self.prefix.padded_index()
-            tail = valid.new_ones(valid.shape[0], self.buffer.shape[3] - self.pad)
-            full = torch.cat([valid, tail], dim=1).repeat_interleave(q_heads // self.prefix.heads, dim=0)
-            self._valid = full[None, :, None, :]
-        return self._valid[..., : self.pad + self.length]
 
     # -- the Cache protocol -------------------------------------------------------------
 

@@ -14,11 +14,17 @@ The compiler produces it, the pack stores exactly these rows, the loader places 
 the device once, and the attention (reference or Triton kernel) reads it. A model's KV
 is a ``list[RaggedKV]``, one per layer; a segment's rows are those whose positions lie
 in its token range (rows are sorted by position within each head).
+
+The same type holds several layers at once: :meth:`RaggedKV.stack` makes the layers'
+heads one sequence of ``layers x kv_heads`` heads (layer-major), so the compiler scores,
+selects and concatenates every layer in one set of tensor ops, and :meth:`split` gives
+the layers back as views.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -90,6 +96,33 @@ class RaggedKV:
         return cls.from_rows(torch.cat([p.keys for p in parts])[order], torch.cat([p.values for p in parts])[order],
                              torch.cat([p.positions for p in parts])[order], lengths, offsets)
 
+    @classmethod
+    def stack(cls, layers: Sequence[RaggedKV]) -> RaggedKV:
+        """Several layers as one: their heads one after another (layer-major)."""
+        if len(layers) == 1:
+            return layers[0]
+        lengths = [n for layer in layers for n in layer.lengths]
+        bases, base = [], 0
+        for layer in layers:
+            bases.append(layer.offsets[:-1] + base)
+            base += layer.rows
+        offsets = torch.cat([*bases, layers[-1].offsets[-1:] + base - layers[-1].rows])
+        return cls(torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]),
+                   torch.cat([layer.positions for layer in layers]), offsets, tuple(lengths))
+
+    def split(self, parts: int) -> list[RaggedKV]:
+        """The inverse of :meth:`stack`: ``parts`` layers of ``heads / parts`` heads, as views."""
+        per = self.heads // parts
+        out, row = [], 0
+        for i in range(parts):
+            lengths = self.lengths[i * per : (i + 1) * per]
+            n = sum(lengths)
+            offsets = self.offsets[i * per : (i + 1) * per + 1] - row
+            out.append(RaggedKV(self.keys[row : row + n], self.values[row : row + n],
+                                self.positions[row : row + n], offsets, lengths))
+            row += n
+        return out
+
     # -- shape -----------------------------------------------------------------------
 
     @property
@@ -108,21 +141,29 @@ class RaggedKV:
     def head_dim(self) -> int:
         return self.keys.shape[-1]
 
-    def head_ids(self) -> torch.Tensor:
-        """``[N]`` the KV head of each row."""
+    @cached_property
+    def _head_ids(self) -> torch.Tensor:
         heads = torch.arange(self.heads, device=self.keys.device)
         return heads.repeat_interleave(self.offsets.diff(), output_size=self.rows)
+
+    def head_ids(self) -> torch.Tensor:
+        """``[N]`` the KV head of each row (computed once per layout)."""
+        return self._head_ids
+
+    @cached_property
+    def _padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        j = torch.arange(self.max_len, device=self.keys.device)
+        valid = j < self.offsets.diff()[:, None]
+        return torch.where(valid, self.offsets[:-1, None] + j, 0), valid
 
     def padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``index [kv_heads, max_len]`` into the rows and ``valid [kv_heads, max_len]``.
 
         Gathering with ``index`` pads every head to the longest one (padding repeats
         row 0, or reads nothing when there are no rows); ``valid`` marks the real rows.
+        Computed once per layout.
         """
-        j = torch.arange(self.max_len, device=self.keys.device)
-        valid = j < self.offsets.diff()[:, None]
-        index = torch.where(valid, self.offsets[:-1, None] + j, 0)
-        return index, valid
+        return self._padded_index
 
     def head_local_index(self) -> torch.Tensor:
         """``[N]`` each row's index within its head (the column of :meth:`padded_index`)."""

@@ -26,38 +26,47 @@ def layer_budget(target: int, seen: int, total: int, kv_heads: int) -> int:
 
 
 def select(scores: torch.Tensor, candidates: RaggedKV, budget: int, protected: torch.Tensor,
-           head_floor: float = 0.2) -> torch.Tensor:
+           head_floor: float = 0.2, layers: int = 1) -> torch.Tensor:
     """Which candidates are kept: a bool mask ``[N]`` over the rows of ``candidates``.
 
-    scores: ``[N]``, higher means keep; comparable across heads.
-    budget: tokens to keep in total over the heads (clamped to what exists).
+    scores: ``[N]``, higher means keep; comparable across the heads of a layer.
+    candidates: one layer, or ``layers`` layers stacked (:meth:`RaggedKV.stack`); each
+        layer has its own budget and its heads compete for it.
+    budget: tokens to keep per layer, summed over its heads (clamped to what exists).
     protected: bool ``[N]``, always kept (sinks, framing), even beyond the budget.
     head_floor: share of the even per-head budget that each head keeps at least.
 
-    All on the device, for all heads at once, with no host sync: heads first take their
-    floor (best unprotected rows of their own), then the rest of the budget goes to the
-    best rows of any head. Ties break by (head, position) through stable sorts.
+    All on the device, for all layers and heads at once, with no host sync: heads first
+    take their floor (best unprotected rows of their own), then the rest of each layer's
+    budget goes to its best rows, whichever head. Ties break by (head, position) through
+    stable sorts.
     """
-    heads, n = candidates.heads, candidates.rows
-    budget = min(budget, n)
+    heads = candidates.heads // layers
     head = candidates.head_ids()
+    layer = head // heads
+    starts = candidates.offsets[:-1]  # first row of each head, and of each layer every `heads`
+    layer_starts = candidates.offsets[::heads]
+    budgets = layer_starts.diff().clamp(max=budget)  # each layer's budget, clamped to its rows
     order = torch.sort(scores.float(), descending=True, stable=True).indices  # best first
-    by_head = order[torch.sort(head[order], stable=True).indices]  # each head's rows, best first
-    starts = candidates.offsets[:-1]
+
+    def rank_within(group: torch.Tensor, group_starts: torch.Tensor, eligible: torch.Tensor):
+        """Rows grouped by ``group`` (each best first), and each row's rank among the eligible rows
+        of its group (counted from 0)."""
+        grouped = order[torch.sort(group[order], stable=True).indices]
+        e = eligible[grouped].long()
+        seen = torch.cat([e.new_zeros(1), e.cumsum(0)])  # eligible rows before each
+        return grouped, e, seen[1:] - 1 - seen[group_starts][group[grouped]]
 
     # Floor: every head keeps its best `floor - protected_h` unprotected rows.
-    n_protected = protected.sum()
-    free = (budget - n_protected).clamp_min(0)
-    floor = torch.floor(head_floor * free.double() / heads).long()
-    unprotected = (~protected[by_head]).long()
-    seen = torch.cat([unprotected.new_zeros(1), unprotected.cumsum(0)])  # unprotected rows before each
-    rank = seen[1:] - 1 - seen[starts][head[by_head]]  # rank among its head's unprotected rows
     protected_h = candidates.head_counts(protected)
+    free = (budgets - protected_h.view(layers, heads).sum(1)).clamp_min(0)
+    floor = torch.floor(head_floor * free.double() / heads).long().repeat_interleave(heads)
+    by_head, unprotected, rank = rank_within(head, starts, ~protected)
     taken = protected.clone()
     taken[by_head] |= (unprotected == 1) & (rank < (floor - protected_h)[head[by_head]])
 
-    # The rest of the budget: the best rows not yet kept, whichever head.
-    left = (budget - taken.sum()).clamp_min(0)
-    open_rows = ~taken[order]
-    taken[order] |= open_rows & (open_rows.long().cumsum(0) <= left)
+    # The rest of each layer's budget: its best rows not yet kept, whichever head.
+    left = (budgets - candidates.head_counts(taken).view(layers, heads).sum(1)).clamp_min(0)
+    by_layer, open_rows, rank = rank_within(layer, layer_starts, ~taken)
+    taken[by_layer] |= (open_rows == 1) & (rank < left[layer[by_layer]])
     return taken

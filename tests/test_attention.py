@@ -19,6 +19,7 @@ from kvcompile.attention import (
     kvcompile_attention,
     pack_attention,
     padded_attention,
+    padding_bias,
     uses_kernel,
 )
 from kvcompile.cache import PackCache, _cache_argument, forward
@@ -127,8 +128,11 @@ def test_the_cache_grows_repeatedly_and_keeps_every_token():
     _run(prefix, steps, batch=2, group=4, capacity=4, seed=7)
     # The padded prefix survives every reallocation in front of the new tokens.
     index, valid = prefix.padded_index()
-    assert torch.equal(layer.padded_keys[:, :, : layer.pad][:, valid], prefix.keys[index][valid].expand(2, -1, -1))
-    assert not layer.valid_mask(16)[..., : layer.pad].all()  # padding is masked
+    padded = layer.padded_keys[:, :, : layer.pad]
+    assert torch.equal(padded[..., :-1][:, valid], prefix.keys[index][valid].expand(2, -1, -1))
+    # The bias channel: 0 on real rows and on new tokens, a large negative on padding.
+    assert (padded[..., -1][:, valid] == 0).all() and (padded[..., -1][:, ~valid] < -1e3).all()
+    assert (layer.padded_keys[:, :, layer.pad :, -1] == 0).all()
 
 
 @pytest.mark.parametrize("q_len,t", [(1, 1), (5, 5), (3, 7), (1, 4)])
@@ -143,8 +147,7 @@ def test_padded_attention_over_a_full_prefix_equals_dense_causal_sdpa(q_len, t):
     dense = F.scaled_dot_product_attention(
         q_all, full_k.repeat_interleave(2, dim=1), full_v.repeat_interleave(2, dim=1), is_causal=True, scale=scaling
     )[:, :, -q_len:]
-    valid = torch.ones(1, q_heads, 1, n + t, dtype=torch.bool)
-    out = padded_attention(q_all[:, :, -q_len:], full_k, full_v, valid, n, scaling)
+    out = padded_attention(q_all[:, :, -q_len:], _with_bias(full_k), _with_bias(full_v), scaling)
     assert out.shape == (batch, q_len, q_heads, HEAD_DIM)
     torch.testing.assert_close(out, dense.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
@@ -155,14 +158,25 @@ def test_padded_attention_ignores_what_the_mask_hides():
     q = torch.randn(1, 4, 3, HEAD_DIM, generator=g)
     k = torch.randn(1, 2, 6 + 3, HEAD_DIM, generator=g)
     v = torch.randn(1, 2, 6 + 3, HEAD_DIM, generator=g)
-    valid = torch.ones(1, 4, 1, 9, dtype=torch.bool)
-    valid[:, 2:, :, 2:6] = False  # KV head 1 (query heads 2, 3) holds 2 prefix rows of 6
-    before = padded_attention(q, k, v, valid, 6, 0.25)
+    padding = torch.zeros(1, 2, 9, dtype=torch.bool)
+    padding[:, 1, 2:6] = True  # KV head 1 (query heads 2, 3) holds 2 prefix rows of 6
+    before = padded_attention(q, _with_bias(k, padding, 0.25), _with_bias(v), 0.25)
     k2, v2 = k.clone(), v.clone()
-    k2[:, 1, 2:6] = 1e4
+    k2[:, 1, 2:6] = 30.0  # scores far above the real rows'
     v2[:, 1, 2:6] = -1e4
-    after = padded_attention(q, k2, v2, valid, 6, 0.25)
+    after = padded_attention(q, _with_bias(k2, padding, 0.25), _with_bias(v2), 0.25)
     torch.testing.assert_close(before, after)
+    # Without the bias the padding would dominate: the check can fail.
+    assert not torch.allclose(before, padded_attention(q, _with_bias(k2), _with_bias(v2), 0.25))
+
+
+def _with_bias(x: torch.Tensor, padding: torch.Tensor | None = None, scaling: float = 1.0) -> torch.Tensor:
+    """``x [batch, kv_heads, rows, D]`` with the bias channel of the padded layout (0, or the
+    padding bias where ``padding [batch, kv_heads, rows]``)."""
+    bias = torch.zeros(*x.shape[:-1], 1, dtype=x.dtype)
+    if padding is not None:
+        bias[padding] = padding_bias(x.dtype, scaling)
+    return torch.cat([x, bias], dim=-1)
 
 
 def test_heads_are_independent():
@@ -298,6 +312,23 @@ def test_sessions_attend_with_the_pack_only_while_answering(tiny_lm, tiny_pack, 
             call()
         assert model.config._attn_implementation == "sdpa"
     assert seen == [ATTN_IMPLEMENTATION] * 3
+
+
+def test_two_answers_streamed_in_turn_on_one_model(tiny_lm, tiny_pack):
+    # Each stream holds the scope while it is open; interleaved, they must not switch the
+    # model back under each other's feet, and both must equal their answers asked alone.
+    import kvcompile
+
+    session = kvcompile.load(tiny_pack).session(tiny_lm)
+    alone = [session.ask(q, max_new_tokens=6).text for q in ("Where do orders ship from?", "Who founded it?")]
+    a = session.stream("Where do orders ship from?", 6)
+    b = session.stream("Who founded it?", 6)
+    pieces_a, pieces_b = [next(a)], [next(b)]
+    pieces_a += list(a)
+    assert tiny_lm.model.config._attn_implementation == ATTN_IMPLEMENTATION  # b is still open
+    pieces_b += list(b)
+    assert ["".join(pieces_a).strip(), "".join(pieces_b).strip()] == alone
+    assert tiny_lm.model.config._attn_implementation == "sdpa"
 
 
 def test_a_build_attends_with_the_pack_only_while_compiling(tiny_lm, tiny_corpus, tmp_path, monkeypatch):
@@ -483,6 +514,31 @@ def test_select_equals_the_per_head_reference(seed, head_floor):
         got = [k.tolist() for k in _select(scores, budget, protected, head_floor)]
         assert got == _select_reference(scores, budget, protected, head_floor), (budget, sizes)
         assert sum(map(len, got)) == max(min(budget, n), n_protected)
+
+
+@pytest.mark.parametrize("head_floor", [0.0, 0.2])
+def test_select_over_stacked_layers_equals_one_select_per_layer(head_floor):
+    # The compiler selects every layer at once (RaggedKV.stack); each layer keeps its own budget.
+    g = torch.Generator().manual_seed(11)
+    layers, heads = [], 3
+    for li in range(4):
+        lengths = [int(torch.randint(0, 30, (1,), generator=g)) for _ in range(heads)]
+        lengths[li % heads] = li % 2  # empty and single-row heads
+        n = sum(lengths)
+        layers.append(RaggedKV.from_rows(torch.zeros(n, HEAD_DIM), torch.zeros(n, HEAD_DIM),
+                                         torch.arange(n), lengths))
+    stacked = RaggedKV.stack(layers)
+    scores = torch.rand(stacked.rows, generator=g)
+    scores[::7] = 0.5  # ties across layers too
+    protected = torch.rand(stacked.rows, generator=g) < 0.1
+    for budget in (0, 5, 20, 1000):
+        got = select(scores, stacked, budget, protected, head_floor, layers=len(layers))
+        expected, row = [], 0
+        for layer in layers:
+            part = slice(row, row + layer.rows)
+            expected.append(select(scores[part], layer, budget, protected[part], head_floor))
+            row += layer.rows
+        assert torch.equal(got, torch.cat(expected)), budget
 
 
 def test_select_keeps_protected_tokens_and_exactly_the_budget():

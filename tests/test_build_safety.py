@@ -5,6 +5,7 @@ interrupted or killed build never damages the pack already at the output path.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -174,7 +175,7 @@ _SLOW_BUILD = textwrap.dedent("""
         f.write(data[: len(data) // 2])
         f.flush()
         os.fsync(f.fileno())
-        print("HALF", len(data), flush=True)
+        print(f"HALF {len(data)}", flush=True)
         time.sleep(120)
         f.write(data[len(data) // 2 :])
         return size
@@ -201,7 +202,8 @@ def test_sigkill_mid_write_leaves_the_old_pack(existing, tiny_model_dir, tiny_co
         temp = []
         while time.monotonic() < deadline:
             temp = [p for p in _temp_files(existing.parent, existing.name) if p.stat().st_size > 0]
-            if temp and b"HALF" in log.read_bytes():
+            # The whole line: an unbuffered print may reach the log in pieces.
+            if temp and re.search(rb"HALF \d+\n", log.read_bytes()):
                 break
             assert child.poll() is None, f"the child build ended early:\n{log.read_text()[-3000:]}"
             time.sleep(0.05)
@@ -213,7 +215,7 @@ def test_sigkill_mid_write_leaves_the_old_pack(existing, tiny_model_dir, tiny_co
             os.kill(child.pid, signal.SIGKILL)
             child.wait()
     # The kill happened mid-write: a partial temporary file exists (its cleanup is not tested here).
-    half, full = temp[0].stat().st_size, int(log.read_text().split("HALF")[1].split()[0])
+    half, full = temp[0].stat().st_size, int(re.search(r"HALF (\d+)\n", log.read_text()).group(1))
     assert 0 < half < full
     assert b"DONE" not in log.read_bytes()
     # The old pack is untouched and still loads.

@@ -441,7 +441,7 @@ def test_positions_compress_below_two_bytes_each():
     # A realistic selection: half of 4000 positions, in runs, per head.
     g = torch.Generator().manual_seed(0)
     positions = [[torch.randperm(4000, generator=g)[:2000].sort().values for _ in range(3)] for _ in range(4)]
-    stored = len(zstandard.ZstdCompressor(level=19).compress(_encode(positions)))
+    stored = len(zstd_frame(_encode(positions)).numpy().tobytes())  # at the level packs are written with
     assert stored / (4 * 3 * 2000) < 2.0
 
 

@@ -30,14 +30,13 @@ def probe_attention(queries: torch.Tensor, candidates: RaggedKV, probe_keys: tor
     group = queries.shape[0] // heads
     index, valid = candidates.padded_index()
     width = index.shape[1]
-    keys = torch.cat([candidates.keys[index].float(), probe_keys.float()], dim=1)  # [H, L + P, D]
-    q = queries.float().reshape(heads, group * n_probe, head_dim)
-    logits = (q @ keys.transpose(1, 2)) * scaling
+    keys = torch.cat([candidates.keys[index], probe_keys], dim=1).float()  # [H, L + P, D]
+    q = queries.float().reshape(heads, group * n_probe, head_dim) * scaling
+    logits = q @ keys.transpose(1, 2)
     # Probe token i sees every valid candidate and the probe tokens up to itself.
     causal = torch.ones(n_probe, n_probe, dtype=torch.bool, device=q.device).tril().repeat(group, 1)
-    visible = torch.cat([valid[:, None, :].expand(-1, group * n_probe, -1), causal.expand(heads, -1, -1)], dim=2)
-    attn = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-    return attn[..., :width], valid
+    hidden = ~torch.cat([valid[:, None, :].expand(-1, group * n_probe, -1), causal.expand(heads, -1, -1)], dim=2)
+    return logits.masked_fill_(hidden, float("-inf")).softmax(dim=-1)[..., :width], valid
 
 
 @register
@@ -62,9 +61,10 @@ class TaskAwareScorer(Scorer):
     def score(self, view: LayerView) -> torch.Tensor:
         c = view.candidates
         a, valid = probe_attention(view.queries, c, view.probe_keys, view.scaling)  # [H, G*P, L]
-        if self.row_norm:
-            a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        s = a.mean(dim=1)  # [H, L]
+        # The mean over probe rows, each first normalised to sum to one: one weighted sum.
+        rows = a.shape[1]
+        weight = (a.sum(dim=-1).clamp_min(1e-30).reciprocal() if self.row_norm else a.new_ones(a.shape[:2])) / rows
+        s = (weight[:, None, :] @ a)[:, 0]  # [H, L]
         if self.value_norm:
             index, _ = c.padded_index()
             s = s * c.values[index].float().norm(dim=-1)
