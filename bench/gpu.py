@@ -48,7 +48,6 @@ tokenizer, SQuAD paragraphs as text); ``make gpu-assets`` also downloads the whe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import hashlib
@@ -71,6 +70,9 @@ if importlib.util.find_spec("kvcompile") is None:  # not installed: use the chec
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from kvcompile.attention import pack_attention  # noqa: E402
+from kvcompile.cache import forward as kv_forward  # noqa: E402
 
 T_START = time.perf_counter()
 
@@ -156,12 +158,9 @@ def prepare(dest: Path) -> None:
     (dest / "squad.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
     # Where kvcompile looks for the default model's converted files (relative to KVCOMPILE_CACHE):
     # bench/gpu.sh puts the tokenizer there so that tests' make_tiny_model works without the GGUF.
-    try:
-        from kvcompile import models
+    from kvcompile import models
 
-        rel = models._converted_dir(models._ALIASES[models.DEFAULT_MODEL].sha256).relative_to(models.cache_dir())
-    except Exception:  # internals moved: the layout of kvcompile 0.1.0
-        rel = Path("models") / "b179c9523d0e6a0f"
+    rel = models._converted_dir(models._ALIASES[models.DEFAULT_MODEL].sha256).relative_to(models.cache_dir())
     (dest / "default-model-cache-dir").write_text(str(rel) + "\n")
     n = sum(len(ids) for ids in tok(paragraphs, add_special_tokens=False)["input_ids"])
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
@@ -287,9 +286,7 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-# ----------------------------------------------------------------------------- kvcompile compatibility
-# The internals are being rewritten (ragged layout, Triton kernels, scoped attention switching):
-# these helpers accept both the 0.1.0 API and the new one, so the benchmark runs on either.
+# ----------------------------------------------------------------------------- forward passes
 
 
 def set_sdpa(model) -> None:
@@ -298,45 +295,18 @@ def set_sdpa(model) -> None:
         model.set_attn_implementation("sdpa")
 
 
-@contextlib.contextmanager
-def pack_attention(model):
-    """The model attending with kvcompile's attention inside the block (as Session does)."""
-    from kvcompile import attention
-
-    if hasattr(attention, "pack_attention"):
-        with attention.pack_attention(model):
-            yield
-        return
-    previous = model.config._attn_implementation
-    attention.use_pack_attention(model)
-    try:
-        yield
-    finally:
-        if model.config._attn_implementation != previous:
-            model.set_attn_implementation(previous)
-
-
 def forward(model, ids: list[int] | torch.Tensor, cache, dev: torch.device):
     """``model(ids)`` over ``cache`` (None: no cache kept); logits of the last position."""
     x = ids if isinstance(ids, torch.Tensor) else torch.tensor([ids], dtype=torch.long, device=dev)
-    try:
-        from kvcompile.cache import forward as kv_forward  # names the cache argument as this transformers does
-    except ImportError:
-        kv_forward = None
     if cache is None:
         return model(x, use_cache=False, logits_to_keep=1).logits
-    if kv_forward is not None:
-        return kv_forward(model, x, cache, logits_to_keep=1).logits
-    return model(x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return kv_forward(model, x, cache, logits_to_keep=1).logits  # names the cache argument as transformers does
 
 
 def dynamic_cache(model):
     from transformers import DynamicCache
 
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
+    return DynamicCache(config=model.config)
 
 
 @torch.no_grad()
@@ -509,10 +479,7 @@ def pack_decode(session, lm, decode_tokens: int) -> dict:
     model, dev = lm.model, lm.device
     ids = session.question_ids(QUESTIONS[0])
     with pack_attention(model):
-        try:  # room for the question and the answer up front, as Session.stream makes it
-            cache = session.cache(capacity=len(ids) + decode_tokens + 1)
-        except TypeError:  # kvcompile 0.1.0
-            cache = session.cache()
+        cache = session.cache(capacity=len(ids) + decode_tokens + 1)  # room up front, as Session.stream makes
         sync(dev)
         t0 = time.perf_counter()
         first = int(forward(model, ids, cache, dev)[0, -1].argmax())
@@ -520,14 +487,6 @@ def pack_decode(session, lm, decode_tokens: int) -> dict:
         dt = greedy_steps(model, cache, first, decode_tokens, dev)
     return {"ttft": ttft, "decode_seconds": dt, "decode_tokens": decode_tokens,
             "decode_tokens_per_s": decode_tokens / dt if dt > 0 else None}
-
-
-def _prefix_rows(layer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """A PackLayer's prefix keys and values, in either layout (ragged rows, or a list per head)."""
-    prefix = getattr(layer, "prefix", None)
-    if prefix is not None and isinstance(getattr(prefix, "keys", None), torch.Tensor):
-        return [prefix.keys], [prefix.values]
-    return list(layer.prefix_keys), list(layer.prefix_values)
 
 
 def attention_bandwidth(session, lm, iters: int = 200, kernel_time: bool = False) -> dict:
@@ -550,42 +509,29 @@ def attention_bandwidth(session, lm, iters: int = 200, kernel_time: bool = False
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     scaling = head_dim**-0.5
-    entry = getattr(A, "kvcompile_attention", None)
-    if entry is None:
-        return {"status": "n/a", "why": "kvcompile.attention.kvcompile_attention not found"}
+    entry = A.kvcompile_attention
     cache = session.cache()
     layer = cache.layers[0]
     g = torch.Generator(device=dev).manual_seed(0)
     k_new, v_new = (torch.randn(1, kv_heads, 1, head_dim, generator=g, device=dev).to(dtype) for _ in range(2))
     layer.update(k_new, v_new, 0)
     q = torch.randn(1, heads, 1, head_dim, generator=g, device=dev).to(dtype)
-    keys, values = _prefix_rows(layer)
-    kv_bytes = sum(t.numel() * t.element_size() for t in keys + values)
-    rows = sum(t.shape[0] for t in keys)
+    prefix = layer.prefix
+    kv_bytes = sum(t.numel() * t.element_size() for t in (prefix.keys, prefix.values))
+    rows = prefix.rows
     new_bytes = 2 * k_new.numel() * k_new.element_size()
     io_bytes = 2 * q.numel() * q.element_size()  # the query in, the output out
     calls = {"kvcompile_attention": lambda: entry(None, q, layer, layer, None, scaling=scaling)}
-    prefix = getattr(layer, "prefix", None)
-    if dev.type == "cuda" and prefix is not None and hasattr(prefix, "offsets"):
-        try:
-            from kvcompile.kernels.attention import ragged_attention as kernel
+    calls_note = "not CUDA: the kernel is not called directly"
+    if A.uses_kernel(dev):
+        from kvcompile.kernels.attention import ragged_attention as kernel
 
-            # the appended tokens' dense K/V (named new_keys/new_values or keys/values, by version)
-            nk = layer.new_keys if hasattr(layer, "new_keys") else layer.keys
-            nv = layer.new_values if hasattr(layer, "new_values") else layer.values
-            calls["kernel"] = lambda: kernel(q, prefix.keys, prefix.values, prefix.offsets, prefix.max_len,
-                                             nk, nv, scaling)
-        except Exception as e:
-            calls_note = f"kernel not called directly: {type(e).__name__}: {e}"
-        else:
-            calls_note = None
-    else:
-        calls_note = "no ragged prefix with offsets, or not CUDA: kernel not called directly"
-    uses_kernel = getattr(A, "uses_kernel", None)
+        calls["kernel"] = lambda: kernel(q, prefix.keys, prefix.values, prefix.offsets, prefix.max_len,
+                                         layer.new_keys, layer.new_values, scaling)
+        calls_note = None
     out = {"status": "ok", "layer": 0, "prefix_rows": rows, "kv_bytes": kv_bytes,
            "bytes_per_call": kv_bytes + new_bytes + io_bytes, "iters": iters,
-           "path": ("triton kernel" if uses_kernel and uses_kernel(dev) else "reference") if uses_kernel else
-           "reference (0.1.0: one SDPA per KV head)", "timings": {}}
+           "path": "triton kernel" if A.uses_kernel(dev) else "reference", "timings": {}}
     if calls_note:
         out["note"] = calls_note
     for name, call in calls.items():

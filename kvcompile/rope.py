@@ -9,9 +9,21 @@ honoured.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
 from .ragged import RaggedKV
+
+
+@cache
+def _kernel():
+    """``kvcompile.kernels.rope.rope``, or None where Triton is missing."""
+    try:
+        from .kernels import rope
+    except ImportError:
+        return None
+    return rope.rope
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -64,8 +76,11 @@ class Rotary:
         return cos[0], sin[0]
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [tokens, head_dim]`` to ``positions [tokens]``."""
+        """Rotate ``x [tokens, head_dim]`` to ``positions [tokens]`` (on CUDA: one Triton launch)."""
         cos, sin = self.cos_sin(positions.to(x.device))
+        kernel = _kernel() if x.is_cuda else None
+        if kernel is not None:
+            return kernel(x, cos, sin)
         return apply_rope(x, cos.to(x.dtype), sin.to(x.dtype))
 
     def undo(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

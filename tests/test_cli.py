@@ -330,3 +330,12 @@ def test_pack_built_by_the_cli_is_moved_not_copied(cli_pack, tmp_path):
     shutil.copyfile(out, moved)
     result = invoke("inspect", moved, "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["path"] == str(moved)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
+def test_a_cuda_device_where_there_is_none_is_one_clear_line(cli_pack, tiny_model_dir, tiny_corpus, tmp_path):
+    out, _ = cli_pack
+    one_error_line(invoke("query", out, "Where?", "--model", tiny_model_dir, "--device", "cuda"),
+                   "CUDA is not available", "use 'cpu'")
+    one_error_line(invoke("build", tiny_corpus, "-o", tmp_path / "x.kvpack", "--model", tiny_model_dir,
+                          "--device", "cuda", "--quiet"), "CUDA is not available")

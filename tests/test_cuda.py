@@ -111,3 +111,16 @@ def test_a_build_in_bf16_on_cuda_answers(model_dir, tiny_corpus, tmp_path):
     build([tiny_corpus], path, lm, load_recipe("qa"), BuildOptions(ratio=0.25, chunk_size=128))
     answer = kvcompile.load(path).session(lm).ask(QUESTIONS[1], max_new_tokens=4)
     assert answer.tokens >= 0 and torch.isfinite(torch.tensor(answer.timings["ttft"]))
+
+
+def test_keys_are_placed_by_the_rope_kernel_as_on_cpu(cuda_lm, cpu_lm):
+    from kvcompile.rope import Rotary, _kernel
+
+    assert _kernel() is not None
+    g = torch.Generator().manual_seed(0)
+    head_dim = cpu_lm.config.hidden_size // cpu_lm.config.num_attention_heads
+    x = torch.randn(300, head_dim, generator=g)
+    positions = torch.randint(0, 4000, (300,), generator=g)
+    on_cpu = Rotary.of(cpu_lm.model).apply(x, positions)
+    on_cuda = Rotary.of(cuda_lm.model).apply(x.cuda(), positions.cuda()).cpu()
+    torch.testing.assert_close(on_cuda, on_cpu, atol=1e-5, rtol=1e-5)
