@@ -211,6 +211,15 @@ def worker(mode: str, model_dir: str, corpus: str, out_json: str, tmp: str, deco
             # 3. build (after an unprofiled warm build), and a decode step over its pack
             _build(lm, recipe, corpus, pack_path)
             res["build"] = _profile(lambda: _build(lm, recipe, corpus, pack_path))
+            import kvcompile.builder as builder
+
+            if hasattr(builder, "SCORE_CALL_BYTES"):  # the ops a GPU would launch: its scorer grouping
+                cpu_bytes = builder.SCORE_CALL_BYTES["cpu"]
+                builder.SCORE_CALL_BYTES["cpu"] = builder.SCORE_CALL_BYTES["cuda"]
+                try:
+                    res["build_gpu_policy"] = _profile(lambda: _build(lm, recipe, corpus, pack_path))
+                finally:
+                    builder.SCORE_CALL_BYTES["cpu"] = cpu_bytes
             session = _session(lm, pack_path)
             ids = session.question_ids(QUESTION)
             with _pack_attention(lm.model):
@@ -439,6 +448,14 @@ def markdown(data: dict) -> str:
                   f"least {f}x a bare prefill's (each pass costs about the same ops whatever its length): it "
                   f"spends {per:.0f} ops per pass, {per / cur['bare_prefill']['aten_ops']:.2f}x a prefill's "
                   f"{cur['bare_prefill']['aten_ops']}."]
+    if "build_gpu_policy" in cur:
+        g = cur["build_gpu_policy"]["aten_ops"]
+        lines += ["", f"On CPU the scorer runs a few heads per call, so that its attention matrix stays in cache "
+                  f"(`kvcompile.builder.SCORE_CALL_BYTES`); a GPU scores every layer in one call. The same build "
+                  f"with the GPU's grouping issues {g} aten ops ({g / cur['bare_prefill']['aten_ops']:.2f}x the "
+                  f"bare prefill, {g / cur['build']['forward_passes']:.0f} per forward pass, "
+                  f"{g / cur['build']['forward_passes'] / cur['bare_prefill']['aten_ops']:.2f}x a prefill's): "
+                  "the count that stands for a GPU's launches."]
     if "pack_step" in cur:
         lines += ["", "Most frequent ops in one pack decode step (current): "
                   + ", ".join(f"`{k}` {v}" for k, v in cur["pack_step"]["by_name"].items()) + ".",

@@ -62,10 +62,10 @@ class PackLayer(CacheLayerMixin):
         buffer = p.keys.new_zeros(2, batch, p.heads, pad + capacity, width)
         if self.buffer is not None:
             buffer[..., : pad + self.length, :] = self.buffer[..., : pad + self.length, :]
-        elif pad:
+        elif pad:  # the prefix, gathered once per question and padded to its longest head
             index, valid = p.padded_index()
-            buffer[0, :, :, :pad, :-1] = p.keys[index] if p.rows else 0
-            buffer[1, :, :, :pad, :-1] = p.values[index] if p.rows else 0
+            buffer[0, :, :, :pad, :-1] = p.keys[index]
+            buffer[1, :, :, :pad, :-1] = p.values[index]
             buffer[0, :, :, :pad, -1] = torch.where(valid, 0.0, padding_bias(p.keys.dtype, self.scaling))
         self.buffer = buffer
 
