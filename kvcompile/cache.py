@@ -44,7 +44,6 @@ class PackLayer(CacheLayerMixin):
         self.length = 0
         self.pad = None if uses_kernel(prefix.keys.device) else prefix.max_len
         self.buffer: torch.Tensor | None = None
-        self.scaling: float | None = None
         self.dtype, self.device = prefix.keys.dtype, prefix.keys.device
         self.is_initialized = True
 
@@ -66,16 +65,8 @@ class PackLayer(CacheLayerMixin):
             index, valid = p.padded_index()
             buffer[0, :, :, :pad, :-1] = p.keys[index]
             buffer[1, :, :, :pad, :-1] = p.values[index]
-            buffer[0, :, :, :pad, -1] = torch.where(valid, 0.0, padding_bias(p.keys.dtype, self.scaling))
+            buffer[0, :, :, :pad, -1] = torch.where(valid, 0.0, padding_bias(p.keys.dtype))
         self.buffer = buffer
-
-    def check_scaling(self, scaling: float) -> None:
-        """The padding bias is sized for the attention's scale, assumed to be head_dim ** -0.5 when
-        the buffer was made; a model with another scale gets the bias rewritten once."""
-        if scaling != self.scaling and self.pad:
-            _, valid = self.prefix.padded_index()
-            self.buffer[0, :, :, : self.pad, -1] = torch.where(valid, 0.0, padding_bias(self.dtype, scaling))
-            self.scaling = scaling
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[batch, kv_heads, t, head_dim]``; hand the layer itself to the attention.
@@ -86,8 +77,6 @@ class PackLayer(CacheLayerMixin):
         t, d = key_states.shape[2], key_states.shape[3]
         pad = self.pad or 0
         if self.buffer is None or self.buffer.shape[3] < pad + self.length + t:
-            if self.scaling is None:
-                self.scaling = d**-0.5
             self._allocate(key_states.shape[0], self.length + t + (_GROW if self.buffer is not None else 0))
         at = pad + self.length
         self.buffer[0, :, :, at : at + t, :d] = key_states

@@ -74,8 +74,7 @@ class RaggedKV:
         heads, t, d = keys.shape
         positions = positions.to(keys.device, torch.int64)
         positions = positions.repeat(heads) if positions.dim() == 1 else positions.reshape(heads * t)
-        offsets = torch.arange(0, (heads + 1) * t, max(t, 1), device=keys.device)[: heads + 1] if t else \
-            torch.zeros(heads + 1, dtype=torch.int64, device=keys.device)
+        offsets = torch.arange(heads + 1, device=keys.device) * t
         return cls(keys.reshape(heads * t, d), values.reshape(heads * t, d), positions, offsets, (t,) * heads)
 
     @classmethod
@@ -102,11 +101,11 @@ class RaggedKV:
         if len(layers) == 1:
             return layers[0]
         lengths = [n for layer in layers for n in layer.lengths]
-        bases, base = [], 0
+        starts, base = [], 0  # each layer's head starts, moved past the layers before it
         for layer in layers:
-            bases.append(layer.offsets[:-1] + base)
+            starts.append(layer.offsets[:-1] - layer.offsets[0] + base)
             base += layer.rows
-        offsets = torch.cat([*bases, layers[-1].offsets[-1:] + base - layers[-1].rows])
+        offsets = torch.cat([*starts, layers[0].offsets.new_full((1,), base)])
         return cls(torch.cat([layer.keys for layer in layers]), torch.cat([layer.values for layer in layers]),
                    torch.cat([layer.positions for layer in layers]), offsets, tuple(lengths))
 

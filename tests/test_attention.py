@@ -160,22 +160,22 @@ def test_padded_attention_ignores_what_the_mask_hides():
     v = torch.randn(1, 2, 6 + 3, HEAD_DIM, generator=g)
     padding = torch.zeros(1, 2, 9, dtype=torch.bool)
     padding[:, 1, 2:6] = True  # KV head 1 (query heads 2, 3) holds 2 prefix rows of 6
-    before = padded_attention(q, _with_bias(k, padding, 0.25), _with_bias(v), 0.25)
+    before = padded_attention(q, _with_bias(k, padding), _with_bias(v), 0.25)
     k2, v2 = k.clone(), v.clone()
     k2[:, 1, 2:6] = 30.0  # scores far above the real rows'
     v2[:, 1, 2:6] = -1e4
-    after = padded_attention(q, _with_bias(k2, padding, 0.25), _with_bias(v2), 0.25)
+    after = padded_attention(q, _with_bias(k2, padding), _with_bias(v2), 0.25)
     torch.testing.assert_close(before, after)
     # Without the bias the padding would dominate: the check can fail.
     assert not torch.allclose(before, padded_attention(q, _with_bias(k2), _with_bias(v2), 0.25))
 
 
-def _with_bias(x: torch.Tensor, padding: torch.Tensor | None = None, scaling: float = 1.0) -> torch.Tensor:
+def _with_bias(x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
     """``x [batch, kv_heads, rows, D]`` with the bias channel of the padded layout (0, or the
     padding bias where ``padding [batch, kv_heads, rows]``)."""
     bias = torch.zeros(*x.shape[:-1], 1, dtype=x.dtype)
     if padding is not None:
-        bias[padding] = padding_bias(x.dtype, scaling)
+        bias[padding] = padding_bias(x.dtype)
     return torch.cat([x, bias], dim=-1)
 
 
