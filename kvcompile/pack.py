@@ -9,11 +9,12 @@ here imports the build code (kvcompile/writer.py writes packs).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import string
 
 import torch
 
+from . import schema
 from .cache import PackCache
 from .codecs import codec_for_pack
 from .container import Container
@@ -31,36 +32,50 @@ class Pack:
     def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = os.fspath(path)
         self.container = c = Container(self.path)
-        text, digest = c.metadata.get("kvpack"), c.metadata.get("kvpack_sha256")
+        self.header = h = self._read_header()
+        self._tensors: dict[str, torch.Tensor] = {}
+        try:
+            self._check_structure()
+        except schema.SchemaError as e:
+            raise PackError(f"{self.path}: corrupt pack (header field {e}): rebuild it") from None
+        if verify:
+            for name in c.entries:
+                self._tensor(name)
+        self.positions = decode_positions(  # per layer [N]
+            unzstd(self._tensor(self.layout["positions"]).numpy(), 4 * sum(map(sum, self.kept)), "positions",
+                   self.path),
+            self.kept, self.layout["tokens"], self.path)
+        self._manifest = self._read_manifest()
+        self.head_dim = h["model"]["head_dim"]
+
+    def _read_header(self) -> dict:
+        """The kvpack header: hash, format and version first (an old reader must say "upgrade",
+        not "corrupt"), then the whole schema (format spec, section 8)."""
+        meta = self.container.metadata
+        text, digest = meta.get("kvpack"), meta.get("kvpack_sha256")
         if text is None or digest is None:
             raise PackError(f"{self.path}: not a kvpack (a safetensors file without a kvpack header)")
         if hashlib.sha256(text.encode()).hexdigest() != digest:
             raise PackError(f"{self.path}: corrupt pack (header checksum mismatch): rebuild it")
         try:
-            h = json.loads(text)
-            major, minor = h["version"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise PackError(f"{self.path}: corrupt pack (header is not a kvpack header): rebuild it") from None
-        if not all(type(v) is int and v >= 0 for v in (major, minor)):
-            raise PackError(f"{self.path}: corrupt pack (format version {h['version']!r} is malformed): rebuild it")
+            h = schema.parse(text)
+            if type(h) is not dict:
+                raise schema.SchemaError("", "expected an object")
+        except schema.SchemaError as e:
+            raise PackError(f"{self.path}: corrupt pack (its header is {e.problem}): rebuild it") from None
         if h.get("format") != "kvpack":
-            raise PackError(f"{self.path}: not a kvpack (format {h.get('format')!r})")
-        if major > FORMAT_VERSION[0]:
-            raise PackError(f"{self.path}: pack format {major}.{minor} is newer than this kvcompile reads "
-                            f"({FORMAT_VERSION[0]}.x): upgrade kvcompile (pip install -U kvcompile)")
-        self.header = h
-        self._tensors: dict[str, torch.Tensor] = {}
+            raise PackError(f"{self.path}: not a kvpack (format {str(h.get('format'))[:40]!r})")
+        version = h.get("version")
+        if (type(version) is not list or len(version) != 2
+                or not all(type(v) is int and 0 <= v < 1 << 16 for v in version)):
+            raise PackError(f"{self.path}: corrupt pack (format version {str(version)[:40]} is malformed): rebuild it")
+        if version[0] > FORMAT_VERSION[0]:
+            raise PackError(f"{self.path}: pack format {version[0]}.{version[1]} is newer than this kvcompile "
+                            f"reads ({FORMAT_VERSION[0]}.x): upgrade kvcompile (pip install -U kvcompile)")
         try:
-            self._check_structure()
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise PackError(f"{self.path}: corrupt pack (header field {e} is missing or malformed): "
-                            "rebuild it") from None
-        if verify:
-            for name in c.entries:
-                self._tensor(name)
-        self.positions = decode_positions(  # per layer [N]
-            unzstd(c.raw(self.layout["positions"]), 4 * sum(map(sum, self.kept)), "positions", self.path),
-            self.kept, self.layout["tokens"], self.path)
+            return schema.check(schema.HEADER, h)
+        except schema.SchemaError as e:
+            raise PackError(f"{self.path}: corrupt pack (header field {e}): rebuild it") from None
 
     # -- structure ---------------------------------------------------------------------
 
@@ -82,57 +97,113 @@ class Pack:
         return Framing.from_json(self.header["framing"])
 
     def _check_structure(self) -> None:
-        m, cache = self.model, self.layout
-        layers, heads, head_dim = int(m["num_layers"]), int(m["num_kv_heads"]), int(m["head_dim"])
+        """The header against itself and against the container (format spec, section 8):
+        every rule that the schema's per-field types cannot express."""
+        h, m, cache, c = self.header, self.model, self.layout, self.container
+        fail = schema.SchemaError
+        layers, heads, head_dim = m["num_layers"], m["num_kv_heads"], m["head_dim"]
+        if m["num_heads"] % heads:
+            raise fail("model.num_heads", f"{m['num_heads']} is not a multiple of num_kv_heads ({heads})")
+        framing, corpus = h["framing"], h["corpus"]
+        if cache["tokens"] != len(framing["prefix_ids"]) + corpus["tokens"]:
+            raise fail("cache.tokens", f"{cache['tokens']} is not the framing's {len(framing['prefix_ids'])} "
+                                       f"plus the corpus's {corpus['tokens']} tokens")
+        if cache["question_position"] != cache["tokens"]:
+            raise fail("cache.question_position", f"{cache['question_position']} is not cache.tokens "
+                                                  f"({cache['tokens']}): questions follow the corpus")
+        if cache["question_position"] > m["max_positions"]:
+            raise fail("cache.question_position", "beyond the model's window")
+        fields = {f for _, f, _, _ in string.Formatter().parse(framing.get("document_header", "{path}")) if f}
+        if not fields <= {"path"}:
+            raise fail("framing.document_header", "may only use the field {path}")
         kept = cache["kept"]
-        for where, value in (("cache.tokens", cache["tokens"]), ("cache.question_position", cache["question_position"]),
-                             ("corpus.manifest_size", self.header["corpus"]["manifest_size"])):
-            if type(value) is not int or value < 0:
-                raise PackError(f"{self.path}: corrupt pack ({where} is not a count): rebuild it")
-        if cache["question_position"] > int(m["max_positions"]):
-            raise PackError(f"{self.path}: corrupt pack (question position beyond the model's window): rebuild it")
-        if (len(kept) != layers or any(len(k) != heads for k in kept)
-                or any(not isinstance(n, int) or n < 0 or n > cache["tokens"] for k in kept for n in k)):
-            raise PackError(f"{self.path}: corrupt pack (kept counts do not match {layers} layers x {heads} heads)")
+        if len(kept) != layers or any(len(k) != heads for k in kept):
+            raise fail("cache.kept", f"expected {layers} layers x {heads} KV heads")
+        if any(n > cache["tokens"] for k in kept for n in k):
+            raise fail("cache.kept", f"a head keeps more than the cache's {cache['tokens']} tokens")
         if len(cache["layers"]) != layers:
-            raise PackError(f"{self.path}: corrupt pack (expected {layers} layer entries)")
-        checksums = self.header["checksums"]
-        if not isinstance(checksums, dict):
-            raise PackError(f"{self.path}: corrupt pack (checksums are not a map)")
-        known = {cache["positions"], self.header["corpus"]["manifest"]}
+            raise fail("cache.layers", f"expected {layers} layer entries, found {len(cache['layers'])}")
+        known = {cache["positions"]: "positions", corpus["manifest"]: "manifest"}
+        for name in known:
+            if name not in c or c.entries[name][0] != "U8" or len(c.entries[name][1]) != 1:
+                raise fail(f"tensor {name!r}", "missing or not a 1-D U8 tensor")
+        payload = {"keys": 0, "values": 0, "positions": c.nbytes(cache["positions"]),
+                   "manifest": c.nbytes(corpus["manifest"])}
         for li, entry in enumerate(cache["layers"]):
             for part in ("keys", "values"):
                 codec = codec_for_pack(entry[part]["codec"])
                 names = entry[part]["tensors"]
                 expected = codec.layout(sum(kept[li]), head_dim)
                 if set(names) != set(expected):
-                    raise PackError(f"{self.path}: corrupt pack (layer {li} {part} should have tensors "
-                                    f"{sorted(expected)}, has {sorted(names)})")
+                    raise fail(f"cache.layers[{li}].{part}.tensors",
+                               f"codec {codec.name} needs tensors {sorted(expected)}, found {sorted(names)}")
                 for role, name in names.items():
-                    if name not in self.container:
-                        raise PackError(f"{self.path}: corrupt pack (tensor {name!r} is missing)")
-                    dtype, shape, _, _ = self.container.entries[name]
+                    if name not in c:
+                        raise fail(f"cache.layers[{li}].{part}.tensors.{role}", f"tensor {name!r} is missing")
+                    if name in known:
+                        raise fail(f"cache.layers[{li}].{part}.tensors.{role}", f"tensor {name!r} is used twice")
+                    dtype, shape, _, _ = c.entries[name]
                     if (dtype, shape) != expected[role]:
-                        raise PackError(f"{self.path}: corrupt pack (tensor {name!r} is {dtype} {list(shape)}, "
-                                        f"expected {expected[role][0]} {list(expected[role][1])})")
-                    known.add(name)
-        for name in self.container.entries:
+                        raise fail(f"tensor {name!r}", f"is {dtype} {list(shape)}, expected "
+                                                       f"{expected[role][0]} {list(expected[role][1])}")
+                    known[name] = part
+                    payload[part] += c.nbytes(name)
+        for name in c.entries:
             if name not in known:
                 raise PackError(f"{self.path}: pack holds tensor {name!r}, which this kvcompile does not know: "
                                 "upgrade kvcompile")
-            if name not in checksums:
-                raise PackError(f"{self.path}: corrupt pack (tensor {name!r} has no checksum)")
-        for name in (cache["positions"], self.header["corpus"]["manifest"]):
-            if name not in self.container or self.container.entries[name][0] != "U8":
-                raise PackError(f"{self.path}: corrupt pack (tensor {name!r} is missing or not bytes)")
-        self.head_dim = head_dim
+        if set(h["checksums"]) != set(c.entries):
+            odd = sorted(set(h["checksums"]) ^ set(c.entries))[0]
+            raise fail("checksums", f"does not list exactly the pack's tensors ({odd!r})")
+        if h["payload_bytes"] != payload:
+            raise fail("payload_bytes", f"{h['payload_bytes']} does not match the tensors ({payload})")
+        # A manifest is a few hundred bytes per document, and a document's KV is more: a
+        # manifest larger than the whole file is a decompression bomb, not a corpus.
+        if corpus["manifest_size"] > c.size:
+            raise fail("corpus.manifest_size", f"{corpus['manifest_size']} bytes, more than the whole pack")
+        self._check_segments()
+
+    def _check_segments(self) -> None:
+        """Segments tile the corpus in order, and list every document once, in order."""
+        h, fail = self.header, schema.SchemaError
+        end, docs = 0, []
+        for j, seg in enumerate(h["segments"]):
+            lo, hi = seg["tokens"]
+            if lo != end or hi <= lo:
+                raise fail(f"segments[{j}].tokens", f"[{lo}, {hi}] does not continue the corpus at token {end}")
+            end = hi
+            docs += seg["documents"]
+        if end != h["corpus"]["tokens"]:
+            raise fail("segments", f"cover {end} corpus tokens, expected {h['corpus']['tokens']}")
+        if docs != list(range(h["corpus"]["documents"])):
+            raise fail("segments", f"do not list documents 0..{h['corpus']['documents'] - 1} once each, in order")
+
+    def _read_manifest(self) -> list[dict]:
+        """The corpus manifest, validated against the segments (format spec, sections 5 and 8)."""
+        c, segments = self.header["corpus"], self.header["segments"]
+        data = unzstd(self._tensor(c["manifest"]).numpy(), c["manifest_size"], "manifest", self.path)
+        if hashlib.sha256(data).hexdigest() != c["manifest_sha256"]:
+            raise PackError(f"{self.path}: corrupt pack (manifest checksum mismatch): rebuild it")
+        try:
+            manifest = schema.check(schema.MANIFEST, schema.parse(data), "manifest")
+            if len(manifest) != c["documents"]:
+                raise schema.SchemaError("manifest", f"lists {len(manifest)} documents, the header "
+                                                     f"{c['documents']}")
+            for j, seg in enumerate(segments):
+                for d in seg["documents"]:
+                    if manifest[d]["segment"] != j:
+                        raise schema.SchemaError(f"manifest[{d}].segment", f"is not {j}")
+                tokens = sum(manifest[d]["tokens"] for d in seg["documents"])
+                if tokens != seg["tokens"][1] - seg["tokens"][0]:
+                    raise schema.SchemaError(f"segments[{j}].tokens",
+                                             f"span {seg['tokens']} but its documents have {tokens} tokens")
+        except schema.SchemaError as e:
+            raise PackError(f"{self.path}: corrupt pack ({e}): rebuild it") from None
+        return manifest
 
     def _tensor(self, name: str) -> torch.Tensor:
         if name not in self._tensors:
-            data = self.container.raw(name)
-            if hashlib.sha256(data).hexdigest() != self.header["checksums"].get(name):
-                raise PackError(f"{self.path}: corrupt pack (checksum mismatch in {name!r}): rebuild it")
-            self._tensors[name] = self.container.to_tensor(name, data)
+            self._tensors[name] = self.container.read(name, sha256=self.header["checksums"][name])
         return self._tensors[name]
 
     # -- contents ----------------------------------------------------------------------
@@ -149,12 +220,7 @@ class Pack:
 
     def manifest(self) -> list[dict]:
         """The corpus manifest: one ``{"path", "sha256", "tokens", "segment"}`` per document."""
-        c = self.header["corpus"]
-        raw = self._tensor(c["manifest"]).numpy().tobytes()
-        data = unzstd(raw, c["manifest_size"], "manifest", self.path)
-        if hashlib.sha256(data).hexdigest() != c["manifest_sha256"]:
-            raise PackError(f"{self.path}: corrupt pack (manifest checksum mismatch): rebuild it")
-        return json.loads(data)
+        return [dict(d) for d in self._manifest]
 
     def segments(self, wanted: list[int]) -> dict[int, list[RaggedKV]]:
         """Segments ``wanted`` (indices into ``header["segments"]``) cut out of the payload, as

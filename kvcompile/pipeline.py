@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .builder import BuildOptions, check_fits, compile_corpus, segment_keys, tokenize
-from .corpus import Skipped, read_corpus
+from .corpus import MAX_FILE_BYTES, Skipped, read_corpus
 from .models import LoadedModel
 from .rebuild import RebuildPlan, output_lock, plan_rebuild
 from .recipe import Recipe
-from .writer import check_output, pack_tensors_and_header, write_pack
+from .writer import check_output, model_identity, pack_tensors_and_header, write_pack
 
 
 @dataclass
@@ -30,11 +30,13 @@ class BuildReport:
 
 
 def plan(paths: Sequence[str | os.PathLike], fingerprint: str, recipe: Recipe, options: BuildOptions,
-         previous: str | os.PathLike | None, text_field: str = "text") -> tuple[RebuildPlan, list[Skipped]]:
+         previous: str | os.PathLike | None, text_field: str = "text",
+         max_file_bytes: int = MAX_FILE_BYTES) -> tuple[RebuildPlan, list[Skipped]]:
     """Read the corpus and match it against ``previous`` (no model needed: ``--check``, ``--dry-run``)."""
     options.validate()
-    documents, skipped = read_corpus(paths, text_field=text_field)
-    return plan_rebuild(documents, segment_keys(documents, fingerprint, recipe, options), previous), skipped
+    documents, skipped = read_corpus(paths, text_field=text_field, max_file_bytes=max_file_bytes)
+    return plan_rebuild(documents, segment_keys(documents, fingerprint, recipe, options), previous,
+                        fingerprint), skipped
 
 
 def build(
@@ -44,6 +46,7 @@ def build(
     recipe: Recipe,
     options: BuildOptions,
     text_field: str = "text",
+    max_file_bytes: int = MAX_FILE_BYTES,
     progress: Callable[[str, int, int], None] | None = None,
     reuse: str | os.PathLike | None = None,
 ) -> BuildReport:
@@ -58,10 +61,13 @@ def build(
     with output_lock(output):
         t0 = time.perf_counter()
         rebuild, skipped = plan(paths, lm.fingerprint, recipe, options, reuse if reuse is not None else output,
-                                text_field)
+                                text_field, max_file_bytes)
         documents = rebuild.documents
         tk = tokenize(documents, recipe, lm)
         check_fits(tk, options, lm)
+        identity = model_identity(lm)
+        rebuild.check_tokens([len(ids) for ids in tk.doc_ids],
+                             {k: identity[k] for k in ("num_layers", "num_kv_heads", "head_dim")})
         reused = rebuild.pack.segments(sorted(set(rebuild.reuse.values()))) if rebuild.reuse else {}
         t1 = time.perf_counter()
         report = (lambda n: progress("prefill", n, tk.total)) if progress else None

@@ -3,6 +3,13 @@
 A segment is reused when its content key (:func:`kvcompile.builder.segment_keys`) is
 found in the previous pack: same document, model, recipe, options and context. Nothing
 here loads the model, so ``build --check`` and ``--dry-run`` are cheap.
+
+The previous pack is untrusted input like any other. Its key proves nothing by itself
+(anyone can copy a key next to other rows), so a segment is reused only when the pack
+validates in full (:class:`~kvcompile.pack.Pack`) and the key agrees with what the pack
+says of itself: the model, the document's path and hash, and (once tokenized) its length
+and the model's shape. A pack that contradicts itself is not reused at all; the build
+compiles everything and says why.
 """
 
 from __future__ import annotations
@@ -29,6 +36,29 @@ class RebuildPlan:
     pack: Pack | None = field(default=None, repr=False)  # the previous pack, when one was read
     previous_paths: list[str] = field(default_factory=list)
     note: str | None = None  # why nothing could be reused, when so
+    warning: bool = False  # the note is about a previous pack that could not be trusted
+
+    def distrust(self, reason: str) -> None:
+        """Reuse nothing from the previous pack: it is unreadable or contradicts itself."""
+        path = self.previous
+        self.reuse, self.pack, self.previous_paths, self.warning = {}, None, [], True
+        self.note = f"previous pack {path} cannot be trusted ({reason})"
+
+    def check_tokens(self, doc_tokens: list[int], shape: dict) -> None:
+        """Before a reused segment is copied: its token span must equal the document's new
+        length, and the previous pack's model shape (``num_layers``, ``num_kv_heads``,
+        ``head_dim``) must be the model's. Otherwise nothing is reused."""
+        if not self.reuse:  # nothing taken from it (another model, say): nothing to doubt
+            return
+        old = self.pack.model
+        for k, v in shape.items():
+            if old[k] != v:
+                return self.distrust(f"its model.{k} is {old[k]}, the model's is {v}")
+        for d, j in self.reuse.items():
+            lo, hi = self.pack.header["segments"][j]["tokens"]
+            if hi - lo != doc_tokens[d]:
+                return self.distrust(f"segment {j} spans {hi - lo} tokens, but {self.documents[d].path} has "
+                                     f"{doc_tokens[d]}")
 
     @property
     def previous(self) -> str | None:
@@ -56,22 +86,33 @@ class RebuildPlan:
                 and all(self.reuse.get(i) == i for i in range(len(self.documents))))
 
 
-def plan_rebuild(documents: list[Document], keys: list[str], previous: str | os.PathLike | None) -> RebuildPlan:
-    """Match the new segments' keys against the pack at ``previous`` (if it exists and reads)."""
+def plan_rebuild(documents: list[Document], keys: list[str], previous: str | os.PathLike | None,
+                 fingerprint: str | None = None) -> RebuildPlan:
+    """Match the new segments' keys against the pack at ``previous`` (if it exists, validates
+    and agrees with itself), built with the model of ``fingerprint``."""
     plan = RebuildPlan(documents, keys)
     if previous is None or not Path(previous).exists():
         plan.note = "no previous pack"
         return plan
     try:
         old = load(previous)
-        manifest = old.manifest()
     except PackError as e:
-        plan.note = f"previous pack unusable ({e})"
+        plan.note, plan.warning = f"previous pack unusable ({e})", True
         return plan
     plan.pack = old
+    manifest = old.manifest()
     plan.previous_paths = [m["path"] for m in manifest]
     where = {seg["key"]: j for j, seg in enumerate(old.header["segments"])}
     plan.reuse = {i: where[k] for i, k in enumerate(keys) if k in where}
+    if plan.reuse and fingerprint is not None and old.model["fingerprint"] != fingerprint:
+        plan.distrust("its segment keys are this model's, its fingerprint is another's")
+        return plan
+    for i, j in plan.reuse.items():
+        seg = old.header["segments"][j]
+        docs = [manifest[d] for d in seg["documents"]]
+        if [(m["path"], m["sha256"]) for m in docs] != [(documents[i].path, documents[i].sha256)]:
+            plan.distrust(f"segment {j}'s key is that of {documents[i].path}, its manifest says otherwise")
+            break
     return plan
 
 

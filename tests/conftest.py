@@ -109,7 +109,7 @@ def rewrite_pack():
     """``rewrite_pack(src, dst, edit=None, checksums=True)``: rewrite a pack with a valid header hash.
 
     ``edit(header, tensors)`` may change the parsed kvpack header and the dict of tensors in
-    place; the checksums are recomputed unless ``checksums`` is False, and the header's
+    place; the checksums and ``payload_bytes`` are recomputed unless ``checksums`` is False, and the header's
     ``kvpack_sha256`` always matches, so only the edit itself can make the result invalid.
     """
     import hashlib
@@ -119,12 +119,16 @@ def rewrite_pack():
 
     def rewrite(src, dst, edit=None, checksums=True) -> Path:
         c = Container(src)
-        tensors = {name: c.to_tensor(name, c.raw(name)) for name in c.entries}
+        tensors = {name: c.read(name) for name in c.entries}
         header = json.loads(c.metadata["kvpack"])
         if edit is not None:
             edit(header, tensors)
-        if checksums:
+        if checksums:  # what anyone can repair after an edit: tensor hashes and sizes
             header["checksums"] = {n: hashlib.sha256(tensor_bytes(t)).hexdigest() for n, t in sorted(tensors.items())}
+            header["payload_bytes"] = {
+                part: sum(t.numel() * t.element_size() for n, t in tensors.items()
+                          if n == part or n.startswith("layers.") and n.split(".")[2] == part)
+                for part in ("keys", "values", "positions", "manifest")}
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         metadata = {"kvpack": text, "kvpack_sha256": hashlib.sha256(text.encode()).hexdigest()}
         with open(dst, "wb") as f:
@@ -132,3 +136,15 @@ def rewrite_pack():
         return Path(dst)
 
     return rewrite
+
+
+def set_field(path: list, value):
+    """An edit for ``rewrite_pack`` that sets ``header[path[0]][path[1]]... = value``."""
+
+    def edit(header, tensors):
+        node = header
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+
+    return edit

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
+import threading
 from pathlib import Path
 
 import pytest
 
-from kvcompile.corpus import Document, Skipped, html_to_text, read_corpus
+from kvcompile.corpus import MAX_FILE_BYTES, Document, Skipped, html_to_text, read_corpus
 from kvcompile.errors import CorpusError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "example-corpus"
@@ -152,17 +155,182 @@ def test_read_error_is_skipped_with_reason(tmp_path, monkeypatch):
     # Works as root too, where chmod cannot make a file unreadable.
     write(tmp_path / "a.txt", "ok")
     write(tmp_path / "b.txt", "secret")
-    real = Path.read_bytes
+    real = os.open
 
-    def read_bytes(self):
-        if self.name == "b.txt":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+    def fake_open(path, *args, **kwargs):
+        if Path(path).name == "b.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(os, "open", fake_open)
     docs, skipped = read_corpus([tmp_path])
     assert paths(docs) == ["a.txt"]
     assert skipped == [Skipped("b.txt", "cannot be read (Permission denied)")]
+
+
+# --- special and oversized files ----------------------------------------------------
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+DEV_ZERO = Path("/dev/zero")
+PROC_FILE = Path("/proc/self/status")
+
+
+def read_corpus_promptly(*args, fifos=(), **kwargs):
+    """read_corpus, failing (not hanging) if it blocks: opening a FIFO waits for a writer."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = read_corpus(*args, **kwargs)
+        except BaseException as e:  # handed to the test thread below
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    if thread.is_alive():
+        for fifo in fifos:  # be the writer it waits for, so the thread can end
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_corpus blocked")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@needs_fifo
+@pytest.mark.parametrize("name", ["pipe.md", "pipe.jsonl"])
+def test_fifo_in_a_folder_is_skipped_without_blocking(tmp_path, name):
+    write(tmp_path / "a.md", "doc")
+    os.mkfifo(tmp_path / name)
+    docs, skipped = read_corpus_promptly([tmp_path], fifos=[tmp_path / name])
+    assert paths(docs) == ["a.md"]
+    assert skipped == [Skipped(name, "not a regular file (FIFO)")]
+
+
+@needs_fifo
+def test_fifo_named_explicitly_is_skipped_without_blocking(tmp_path):
+    a = write(tmp_path / "a.md", "doc")
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    docs, skipped = read_corpus_promptly([fifo, a], fifos=[fifo])
+    assert paths(docs) == ["a.md"]
+    assert skipped == [Skipped("pipe.txt", "not a regular file (FIFO)")]
+    # Alone, it leaves nothing: the usual error, which names it.
+    with pytest.raises(CorpusError, match="pipe.txt.*not a regular file"):
+        read_corpus_promptly([fifo], fifos=[fifo])
+
+
+def test_socket_in_a_folder_is_skipped(tmp_path):
+    socket = pytest.importorskip("socket")
+    if not hasattr(socket, "AF_UNIX"):
+        pytest.skip("no Unix sockets here")
+    write(tmp_path / "a.md", "doc")
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.bind(str(tmp_path / "s.md"))
+        except OSError as e:  # e.g. a path too long for sun_path
+            pytest.skip(f"cannot bind a Unix socket here ({e})")
+        docs, skipped = read_corpus_promptly([tmp_path])
+    assert paths(docs) == ["a.md"]
+    assert skipped == [Skipped("s.md", "not a regular file (socket)")]
+
+
+@pytest.mark.skipif(not DEV_ZERO.exists(), reason="no /dev/zero here")
+@pytest.mark.parametrize("name", ["zero.md", "zero.parquet"])
+def test_link_to_a_device_is_skipped(tmp_path, name):
+    write(tmp_path / "a.md", "doc")
+    (tmp_path / name).symlink_to(DEV_ZERO)
+    docs, skipped = read_corpus_promptly([tmp_path])
+    assert paths(docs) == ["a.md"]
+    assert skipped == [Skipped(name, "not a regular file (character device)")]
+    # Named explicitly (through the link), the same.
+    docs, skipped = read_corpus_promptly([tmp_path / name, tmp_path / "a.md"])
+    assert skipped == [Skipped(name, "not a regular file (character device)")]
+
+
+@pytest.mark.skipif(not PROC_FILE.is_file(), reason="no /proc here")
+def test_link_to_a_proc_file_is_skipped(tmp_path):
+    # /proc files are regular, with st_size 0 whatever they hold: caught by where they are.
+    write(tmp_path / "a.md", "doc")
+    (tmp_path / "status.txt").symlink_to(PROC_FILE)
+    docs, skipped = read_corpus_promptly([tmp_path])
+    assert paths(docs) == ["a.md"]
+    assert skipped == [Skipped("status.txt", "on a special file system (/proc)")]
+    docs, skipped = read_corpus_promptly([tmp_path / "status.txt", tmp_path / "a.md"])
+    assert paths(docs) == ["a.md"]
+    assert skipped == [Skipped("status.txt", "on a special file system (/proc)")]
+
+
+def test_file_over_the_cap_is_skipped(tmp_path):
+    write(tmp_path / "a.md", "x" * 100)  # exactly at the cap: read
+    write(tmp_path / "b.md", "x" * 101)
+    write(tmp_path / "c.jsonl", json.dumps({"text": "x" * 100}) + "\n")
+    docs, skipped = read_corpus([tmp_path], max_file_bytes=100)
+    assert paths(docs) == ["a.md"]
+    assert skipped == [
+        Skipped("b.md", "larger than the 100-byte cap per file"),
+        Skipped("c.jsonl", "larger than the 100-byte cap per file"),
+    ]
+    # Named explicitly: skipped as well, like an unreadable file.
+    docs, skipped = read_corpus([tmp_path / "b.md", tmp_path / "a.md"], max_file_bytes=100)
+    assert skipped == [Skipped("b.md", "larger than the 100-byte cap per file")]
+
+
+def test_default_cap_is_64_mib(tmp_path):
+    assert MAX_FILE_BYTES == 64 * 1024 * 1024
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)  # sparse: no 64 MiB written
+    write(tmp_path / "a.md", "doc")
+    docs, skipped = read_corpus([tmp_path])
+    assert paths(docs) == ["a.md"]
+    assert skipped == [Skipped("big.txt", "larger than the 64 MiB cap per file")]
+
+
+@pytest.mark.parametrize("name", ["big.md", "big.jsonl"])
+def test_cap_holds_while_reading_when_st_size_lies(tmp_path, monkeypatch, name):
+    # As /proc files do, and as a file growing after the check does: st_size says 0.
+    write(tmp_path / "a.md", "doc")
+    big = write(tmp_path / name, json.dumps({"text": "x" * 200}) + "\n")
+    inode = big.stat().st_ino
+
+    def shrunk(real):
+        def fake(*args, **kwargs):
+            st = real(*args, **kwargs)
+            if st.st_ino != inode:
+                return st
+            fields = list(st)
+            fields[stat.ST_SIZE] = 0
+            return os.stat_result(fields)
+
+        return fake
+
+    monkeypatch.setattr(os, "stat", shrunk(os.stat))
+    monkeypatch.setattr(os, "fstat", shrunk(os.fstat))
+    docs, skipped = read_corpus([tmp_path], max_file_bytes=100)
+    assert paths(docs) == ["a.md"]
+    assert skipped == [Skipped(name, "larger than the 100-byte cap per file")]
+
+
+def test_path_swapped_for_a_fifo_after_the_check_is_caught(tmp_path, monkeypatch):
+    # The descriptor is checked too: a FIFO put in place after os.stat is never read.
+    write(tmp_path / "a.md", "doc")
+    target = write(tmp_path / "b.md", "doc")
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    real = os.open
+
+    def swap_then_open(path, *args, **kwargs):
+        if Path(path).name == "b.md":
+            os.unlink(target)
+            os.mkfifo(target)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", swap_then_open)
+    docs, skipped = read_corpus_promptly([tmp_path], fifos=[target])
+    assert paths(docs) == ["a.md"]
+    assert skipped == [Skipped("b.md", "not a regular file (FIFO)")]
 
 
 # --- errors on input ---------------------------------------------------------------
