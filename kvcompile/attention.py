@@ -80,6 +80,51 @@ def padded_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     return out[..., :-1].transpose(1, 2)
 
 
+def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
+                     key_positions: torch.Tensor, query_positions: torch.Tensor, scaling: float,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Attention by positions, for layers with a sliding window or a logit softcap.
+
+    query: ``[batch, q_heads, q_len, head_dim]``; keys, values: ``[batch, kv_heads, L,
+    head_dim]``; valid, key_positions: ``[kv_heads, L]``; query_positions: ``[q_len]``.
+    A query at position p sees the valid keys at positions k <= p, and with ``window``
+    only k > p - window (transformers' convention); scores are capped as
+    ``softcap * tanh(s / softcap)`` before the mask. Softmax in fp32, as the models' own
+    eager attention does. Returns ``[batch, q_len, q_heads, head_dim]``.
+
+    Keys are placed by position, so this is exact for any per-head selection; it is the
+    reference path (on every device) for the layers that need it.
+    """
+    groups = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    scores = (query @ keys.transpose(-1, -2)).float() * scaling  # [batch, q_heads, q_len, L]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    seen = key_positions[:, None, :] <= query_positions[None, :, None]  # [kv_heads, q_len, L]
+    if window is not None:
+        seen &= key_positions[:, None, :] > query_positions[None, :, None] - window
+    seen &= valid[:, None, :]
+    scores = scores.masked_fill(~seen.repeat_interleave(groups, 0), float("-inf"))
+    out = torch.softmax(scores, dim=-1).to(values.dtype) @ values
+    return out.transpose(1, 2)
+
+
+def _by_position(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A PackLayer as ``keys, values [batch, kv_heads, L, head_dim]``, ``valid`` and
+    ``positions [kv_heads, L]``: the prefix padded to its longest head, then the new tokens."""
+    p, t = layer.prefix, layer.length
+    index, valid = p.padded_index()
+    new_positions = torch.arange(layer.start, layer.start + t, device=index.device).expand(p.heads, t)
+    positions = torch.cat([p.positions[index], new_positions], dim=1)
+    valid = torch.cat([valid, valid.new_ones(p.heads, t)], dim=1)
+    if layer.pad is not None:  # already gathered into the buffer
+        return layer.padded_keys[..., :-1], layer.padded_values[..., :-1], valid, positions
+    batch = layer.new_keys.shape[0]
+    keys = torch.cat([p.keys[index].expand(batch, -1, -1, -1), layer.new_keys], dim=2)
+    values = torch.cat([p.values[index].expand(batch, -1, -1, -1), layer.new_values], dim=2)
+    return keys, values, valid, positions
+
+
 @cache
 def _kernel():
     """The Triton kernel, or None where Triton is missing (then CUDA uses the reference too)."""
@@ -104,7 +149,25 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
     supported inside :func:`pack_attention` (kvcompile's own calls never pad).
     """
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if kwargs.get("s_aux") is not None:  # capability() refuses such models; never ignore a feature
+        raise NotImplementedError("kvcompile attention does not implement attention sinks (s_aux)")
     layer = key
+    if window is not None or softcap is not None:
+        if isinstance(key, torch.Tensor):
+            kv_len, q_len = key.shape[2], query.shape[2]
+            positions = torch.arange(kv_len, device=query.device).expand(key.shape[1], kv_len)
+            valid = torch.ones_like(positions, dtype=torch.bool)
+            out = masked_attention(query, key, value, valid, positions, positions[0, kv_len - q_len:], scaling,
+                                   window, softcap)
+            return out.contiguous(), None
+        if layer.capture_queries:
+            layer.queries = query[:, :, -layer.capture_queries :].detach()
+        keys, values, valid, positions = _by_position(layer)
+        end = layer.start + layer.length
+        q_positions = torch.arange(end - query.shape[2], end, device=query.device)
+        return masked_attention(query, keys, values, valid, positions, q_positions, scaling, window,
+                                softcap).contiguous(), None
     if isinstance(key, torch.Tensor):
         mask = causal_mask(query.shape[2], key.shape[2], query.device)
         if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4:

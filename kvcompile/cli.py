@@ -266,6 +266,48 @@ def inspect(
                   f"({1 / sizes['ratio_vs_full_fp16']:.1f}x smaller)")
 
 
+@app.command()
+def models(
+    model: Optional[str] = typer.Argument(None, help="A model (alias, directory, Hub id): check it instead of listing."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    debug: bool = DebugOpt,
+) -> None:
+    """List the model types kvcompile serves exactly, and those it refuses and why; or check MODEL."""
+    from .capability import support_table
+
+    with _errors(debug):
+        if model is not None:
+            _check_model(model, as_json)
+            return
+        rows = support_table()
+        if as_json:
+            print(json.dumps([{"model_type": t, "status": s} for t, s in rows], indent=2))
+            return
+        table = Table("model type", "status", box=None, pad_edge=False)
+        for t, status in rows:
+            table.add_row(t, "[green]supported[/]" if status == "supported" else f"refused: {escape(status)}")
+        out.print(table)
+
+
+def _check_model(model: str, as_json: bool) -> None:
+    """What kvcompile knows about MODEL's config (no weights are loaded); ModelError if refused."""
+    from .capability import capability
+    from .models import model_config
+
+    config, label = model_config(model)
+    cap = capability(config)
+    windows = sorted({w for w in cap.windows if w is not None})
+    info = {"model_type": cap.model_type, "supported": True, "rope": cap.rope_type,
+            "sliding_window_layers": sum(w is not None for w in cap.windows), "layers": cap.num_layers,
+            "windows": windows, "softcap": cap.softcap}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    out.print(f"{_show(label)}: model type {_show(cap.model_type)}, supported (RoPE {_show(cap.rope_type)}"
+              + (f", sliding window {windows} on {info['sliding_window_layers']} of {cap.num_layers} layers"
+                 if windows else "") + (f", softcap {cap.softcap}" if cap.softcap else "") + ")", soft_wrap=True)
+
+
 @app.command("eval")
 def eval_(
     packs: List[Path] = typer.Argument(None, help="Packs to evaluate (any number; none with --sweep)."),

@@ -42,6 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from kvcompile.capability import capability
 from kvcompile.errors import ModelError, OptionError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -162,6 +163,17 @@ def load_model(
     )
 
 
+def model_config(name: str | None = None) -> tuple[object, str]:
+    """``(transformers config, label)`` of the model ``load_model(name)`` would load, without
+    its weights: what ``kvcompile models MODEL`` checks."""
+    source, label = _resolve_model_dir(DEFAULT_MODEL if name is None else name, progress=True)
+    with _quiet_transformers():
+        try:
+            return AutoConfig.from_pretrained(source), label
+        except Exception as e:  # transformers raises many types; the user needs one line
+            raise ModelError(f"cannot read the config of {label}: {_short(e)}") from e
+
+
 def model_fingerprint(name: str | None = None) -> str:
     """The fingerprint ``load_model(name)`` would give, reading only the tokenizer and
     hashing the weight files (memoised), without loading the weights: ``build --check``."""
@@ -211,20 +223,21 @@ def fingerprint_of(model_dir_or_gguf: Path, tokenizer: PreTrainedTokenizerBase, 
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def make_tiny_model(path: Path, *, arch: str = "llama", seed: int = 0, vocab_from: str | None = None) -> Path:
+def make_tiny_model(path: Path, *, arch: str = "llama", seed: int = 0, vocab_from: str | None = None,
+                    **config_overrides) -> Path:
     """Write a small randomly initialised model with a chat-template tokenizer to ``path``.
 
     Two layers, hidden 64, 4 query heads sharing 2 KV heads (head_dim 16), for tests.
     ``arch`` is a transformers model type ("llama", "qwen2", ...). The tokenizer is the
     default model's (or that of ``vocab_from``, an alias or local path) and the
-    vocabulary size matches it. The same seed gives the same weights.
+    vocabulary size matches it. The same seed gives the same weights. ``config_overrides``
+    set any other config field (a sliding window, a rope scaling, ...).
     """
     path = Path(path)
     tokenizer = _tokenizer_for(vocab_from)
     if not tokenizer.chat_template:
         tokenizer.chat_template = _CHATML_TEMPLATE
-    config = AutoConfig.for_model(
-        arch,
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -238,6 +251,7 @@ def make_tiny_model(path: Path, *, arch: str = "llama", seed: int = 0, vocab_fro
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    config = AutoConfig.for_model(arch, **{**fields, **config_overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     path.mkdir(parents=True, exist_ok=True)
@@ -330,11 +344,19 @@ def _from_pretrained(source: Path | str, label: str, dtype: torch.dtype, device:
     """Load tokenizer and model quietly; any failure becomes a one-line ModelError."""
     with _quiet_transformers():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype, attn_implementation="sdpa", device_map=str(device), **kwargs
-            )
+            config = AutoConfig.from_pretrained(source, **kwargs)
         except Exception as e:  # transformers raises many types; the user needs one line
+            raise ModelError(f"cannot load model {label}: {_short(e)}") from e
+        capability(config)  # refuse, by name, what kvcompile cannot serve exactly, before loading weights
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            # Eager where the model's SDPA cannot honour a softcap; kvcompile's own attention
+            # is used with a pack either way (kvcompile.attention.pack_attention).
+            attn = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+            model = AutoModelForCausalLM.from_pretrained(
+                source, config=config, dtype=dtype, attn_implementation=attn, device_map=str(device), **kwargs
+            )
+        except Exception as e:
             raise ModelError(f"cannot load model {label}: {_short(e)}") from e
     return model, tokenizer
 

@@ -1,0 +1,128 @@
+"""Which models kvcompile serves exactly, and how: one decision, made from the config at load.
+
+A pack stores keys before RoPE and attends with its own attention function. That is
+exact only when kvcompile knows where the model keeps its rotary embedding, which RoPE
+convention it uses, and every attention feature its layers pass to the attention
+function. A model outside that knowledge must be refused by name rather than answered
+wrongly: its users cannot see what was compressed, so a wrong answer that looks right is
+the worst outcome.
+
+:func:`capability` reads a transformers config and returns a :class:`Capability`
+describing the model, or raises ``ModelError`` naming the model type and the feature.
+Model types are allowed only after the architecture matrix (tests/test_architectures.py)
+has checked them exact; docs/models.md lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ModelError
+
+# Verified exact at ratio 1.0 in tests/test_architectures.py. All keep their rotary module at
+# ``model.model.rotary_emb``, rotate with ``rotate_half`` (Llama's convention), and pass any
+# window or softcap to the attention function, which honours them (kvcompile/attention.py).
+SUPPORTED = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi", "phi3",
+    "olmo", "olmo2", "granite", "stablelm", "starcoder2", "smollm3",
+})
+
+# Refused on purpose, with the reason a user is shown.
+REFUSED = {
+    "cohere": "its RoPE interleaves channels (kvcompile rotates halves, Llama-style)",
+    "cohere2": "its RoPE interleaves channels (kvcompile rotates halves, Llama-style)",
+    "gemma3": "its local and global layers use different RoPE",
+    "gemma3_text": "its local and global layers use different RoPE",
+    "gpt_oss": "its attention sinks and half-width RoPE are not supported yet",
+    "gpt_neox": "its rotary embedding is applied outside the place kvcompile reads it from",
+    "gptj": "its rotary embedding is applied outside the place kvcompile reads it from",
+    "falcon": "its rotary embedding is applied outside the place kvcompile reads it from",
+    "gpt2": "it uses absolute position embeddings, not RoPE",
+    "opt": "it uses absolute position embeddings, not RoPE",
+    "bloom": "it uses ALiBi position biases, not RoPE",
+    "deepseek_v2": "it uses multi-head latent attention (one latent per token, not per-head keys and values)",
+    "deepseek_v3": "it uses multi-head latent attention (one latent per token, not per-head keys and values)",
+}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """How kvcompile serves one model exactly.
+
+    windows: per layer, the sliding window in tokens, or None for full attention.
+    softcap: the attention logit softcap, or None.
+    """
+
+    model_type: str
+    num_layers: int
+    num_kv_heads: int
+    rope_type: str
+    windows: tuple[int | None, ...]
+    softcap: float | None
+
+    @property
+    def has_windows(self) -> bool:
+        return any(w is not None for w in self.windows)
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
+        types = {v.get("rope_type", v.get("type", "default")) for v in params.values() if isinstance(v, dict)}
+        if len(types) > 1:
+            return "per-layer(" + ",".join(sorted(types)) + ")"
+        return types.pop()
+    return params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+
+
+def _windows(config, layers: int) -> tuple[int | None, ...]:
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return (None,) * layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    if getattr(config, "use_sliding_window", True) is False:
+        return (None,) * layers
+    return (window,) * layers  # Mistral, Phi-3, StarCoder2: one window for every layer
+
+
+def capability(config) -> Capability:
+    """What kvcompile knows about the model of ``config``; ``ModelError`` (one line, naming
+    the model type and the feature) when it cannot serve it exactly."""
+    model_type = getattr(config, "model_type", None) or type(config).__name__
+
+    def refuse(why: str):
+        raise ModelError(f"model type '{model_type}' is not supported: {why}. "
+                         "Supported types are listed by `kvcompile models` (docs/models.md)")
+
+    if model_type in REFUSED:
+        refuse(REFUSED[model_type])
+    if model_type not in SUPPORTED:
+        refuse("its attention has not been verified with kvcompile")
+    if getattr(config, "kv_lora_rank", None):
+        refuse(REFUSED["deepseek_v3"].removeprefix("it "))
+    rope_type = _rope_type(config)
+    if rope_type == "longrope":
+        refuse("longrope chooses its RoPE factors from the length of each call, so keys placed at load "
+               "differ from the full prompt's")
+    if rope_type.startswith("per-layer"):
+        refuse("its layers use different RoPE")
+    no_rope = getattr(config, "no_rope_layers", None)
+    if no_rope and not all(no_rope):
+        refuse("some of its layers use no RoPE")
+    layers = config.num_hidden_layers
+    return Capability(
+        model_type=model_type,
+        num_layers=layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        rope_type=rope_type,
+        windows=_windows(config, layers),
+        softcap=getattr(config, "attn_logit_softcapping", None),
+    )
+
+
+def support_table() -> list[tuple[str, str]]:
+    """``(model type, "supported" or the reason it is refused)``, sorted by type."""
+    rows = [(t, "supported") for t in SUPPORTED] + list(REFUSED.items())
+    return sorted(rows)

@@ -1,0 +1,196 @@
+"""The architecture matrix (issue 11): every model type a pack accepts answers exactly as
+the full prompt does, and every other one is refused by name.
+
+Tiny random models of each supported type are built from a config (2 layers, about a
+second each). With every token kept, the pack's first-token logits must equal those of
+one ordinary forward pass over the full prompt: in ``chained`` mode over the corpus, in
+``independent`` mode over one document (where both modes must be the full prompt), and,
+for types with sliding windows, with a window shorter than the corpus.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+import kvcompile
+from kvcompile.builder import BuildOptions
+from kvcompile.capability import REFUSED, SUPPORTED, capability
+from kvcompile.errors import ModelError
+from kvcompile.models import load_model, make_tiny_model
+from kvcompile.pipeline import build
+from kvcompile.recipe import load_recipe
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+QUESTION = "How long is the password reset link valid?"
+WINDOW = 48  # shorter than the tiny corpus (~580 tokens) and than a 64-token chunk
+
+MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+}
+ROPE = {
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=256, rope_theta=10000.0),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=256, rope_theta=10000.0),
+}
+
+# (id, model type, config overrides): one exact case per supported type and variant.
+EXACT = [
+    ("llama", "llama", {}),
+    ("llama-llama3", "llama", {"rope_parameters": ROPE["llama3"]}),
+    ("llama-yarn", "llama", {"rope_parameters": ROPE["yarn"]}),
+    ("mistral-window", "mistral", {"sliding_window": WINDOW}),
+    ("mixtral", "mixtral", MOE["mixtral"]),
+    ("qwen2-window", "qwen2", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
+    ("qwen2_moe", "qwen2_moe", MOE["qwen2_moe"]),
+    ("qwen3", "qwen3", {}),
+    ("qwen3_moe", "qwen3_moe", MOE["qwen3_moe"]),
+    ("gemma", "gemma", {}),
+    ("gemma2-softcap-window", "gemma2", {"sliding_window": WINDOW}),
+    ("phi", "phi", {}),
+    ("phi3-window", "phi3", {"sliding_window": WINDOW}),
+    ("olmo", "olmo", {}),
+    ("olmo2", "olmo2", {}),
+    ("granite", "granite", {}),
+    ("stablelm", "stablelm", {}),
+    ("starcoder2-window", "starcoder2", {"sliding_window": WINDOW}),
+    ("smollm3", "smollm3", {}),
+]
+
+
+def test_the_matrix_covers_every_supported_type():
+    assert {arch for _, arch, _ in EXACT} == SUPPORTED
+
+
+def _full_prompt_logits(lm, documents, session) -> torch.Tensor:
+    from kvcompile.framing import document_text
+
+    ids = list(session.framing.prefix_ids)
+    for d in documents:
+        ids += lm.tokenizer(document_text(d.path, d.text), add_special_tokens=False)["input_ids"]
+    ids += session.question_ids(QUESTION)
+    with torch.no_grad():
+        return lm.model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+
+
+def _worst_difference(lm, corpus, path, context: str) -> float:
+    from kvcompile.corpus import read_corpus
+
+    options = BuildOptions(ratio=1.0, chunk_size=64, codec="fp32", context=context)
+    build([corpus], path, lm, load_recipe("qa"), options)
+    session = kvcompile.load(path).session(lm)
+    documents, _ = read_corpus([corpus])
+    return (session.first_token_logits(QUESTION) - _full_prompt_logits(lm, documents, session)).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def one_document(tiny_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    (root / "password.txt").write_text((tiny_corpus / "password.txt").read_text())
+    return root
+
+
+@pytest.mark.parametrize("arch, overrides", [pytest.param(a, o, id=i) for i, a, o in EXACT])
+def test_ratio_one_is_exact(arch, overrides, tiny_corpus, one_document, tmp_path):
+    lm = load_model(str(make_tiny_model(tmp_path / arch, arch=arch, **overrides)), device="cpu", progress=False)
+    cap = capability(lm.config)
+    if "window" in str(overrides) or arch == "gemma2":
+        assert cap.has_windows, "the case must exercise a sliding window"
+        assert lm.tokenizer(open(next(tiny_corpus.iterdir())).read())["input_ids"]  # corpus is real text
+    chained = _worst_difference(lm, tiny_corpus, tmp_path / "c.kvpack", "chained")
+    independent = _worst_difference(lm, one_document, tmp_path / "i.kvpack", "independent")
+    assert chained <= 1e-4 and independent <= 1e-4, (chained, independent)
+
+
+def test_an_active_window_changes_the_answer(tiny_corpus, tmp_path):
+    """The window cases can fail: ignoring the window gives other logits than the model's."""
+    lm = load_model(str(make_tiny_model(tmp_path / "m", arch="mistral", sliding_window=WINDOW)), device="cpu",
+                    progress=False)
+    session_logits = []
+    for window in (WINDOW, None):
+        lm.model.config.sliding_window = window
+        path = tmp_path / f"w{window}.kvpack"
+        build([tiny_corpus], path, lm, load_recipe("qa"), BuildOptions(ratio=1.0, chunk_size=64, codec="fp32"))
+        session_logits.append(kvcompile.load(path).session(lm).first_token_logits(QUESTION))
+    assert (session_logits[0] - session_logits[1]).abs().max() > 1e-3
+
+
+def _config(arch: str, **overrides):
+    fields = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096)
+    return AutoConfig.for_model(arch, **{**fields, **overrides})  # head_dim: 16, derived (Falcon's cannot be set)
+
+
+@pytest.mark.parametrize("arch", sorted(REFUSED))
+def test_unsupported_types_are_refused_by_name(arch):
+    with pytest.raises(ModelError) as e:
+        capability(_config(arch))
+    assert f"model type '{arch}' is not supported: {REFUSED[arch]}" in str(e.value)
+
+
+@pytest.mark.parametrize("arch, overrides, feature", [
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                  "original_max_position_embeddings": 256, "rope_theta": 10000.0}}, "longrope"),
+    ("smollm3", {"num_hidden_layers": 4}, "some of its layers use no RoPE"),
+    ("mamba", {}, "has not been verified"),
+], ids=["phi3-longrope", "smollm3-no-rope-layers", "unknown-type"])
+def test_unsupported_features_of_supported_types_are_refused_by_name(arch, overrides, feature):
+    with pytest.raises(ModelError, match=feature):
+        capability(_config(arch, **overrides))
+
+
+def test_a_refused_model_is_refused_before_its_weights_load(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvcompile.cli import app
+
+    model = make_tiny_model(tmp_path / "cohere", arch="cohere")
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Some text.")
+    result = CliRunner().invoke(app, ["build", str(corpus), "-o", str(tmp_path / "o.kvpack"), "--model", str(model),
+                                      "--device", "cpu", "--quiet"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model type 'cohere' is not supported: its RoPE interleaves channels" in lines[0]
+
+
+def test_window_layers_read_the_ragged_prefix_exactly_where_the_kernel_would(tiny_corpus, tmp_path, monkeypatch):
+    """On CUDA the prefix stays ragged (no padded buffer); window and softcap layers then gather
+    it by position. Forced here on the CPU, the answer is the padded reference's."""
+    import kvcompile.cache
+
+    lm = load_model(str(make_tiny_model(tmp_path / "m", arch="gemma2", sliding_window=WINDOW)), device="cpu",
+                    progress=False)
+    path = tmp_path / "g.kvpack"
+    build([tiny_corpus], path, lm, load_recipe("qa"), BuildOptions(ratio=0.5, chunk_size=64, codec="fp32"))
+    pack = kvcompile.load(path)
+    padded = pack.session(lm).first_token_logits(QUESTION)
+    monkeypatch.setattr(kvcompile.cache, "uses_kernel", lambda device: True)
+    session = pack.session(lm)
+    assert session.cache().layers[0].pad is None
+    assert torch.allclose(session.first_token_logits(QUESTION), padded, atol=1e-5)
+
+
+def test_models_command_lists_and_checks(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvcompile.cli import app
+
+    runner = CliRunner()
+    listing = runner.invoke(app, ["models", "--json"])
+    assert listing.exit_code == 0, listing.output
+    rows = {r["model_type"]: r["status"] for r in __import__("json").loads(listing.stdout)}
+    assert {t for t, s in rows.items() if s == "supported"} == SUPPORTED
+    assert rows["cohere"] == REFUSED["cohere"]
+    model = make_tiny_model(tmp_path / "m", arch="mistral", sliding_window=WINDOW)
+    checked = runner.invoke(app, ["models", str(model)])
+    assert checked.exit_code == 0, checked.output
+    assert "model type mistral, supported (RoPE default, sliding window [48] on 2 of 2 layers)" in checked.stdout
+    refused = runner.invoke(app, ["models", str(make_tiny_model(tmp_path / "c", arch="cohere"))])
+    assert refused.exit_code == 2 and "model type 'cohere' is not supported" in refused.stderr
