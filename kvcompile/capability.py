@@ -20,17 +20,17 @@ from dataclasses import dataclass
 from .errors import ModelError
 
 # Verified exact at ratio 1.0 in tests/test_architectures.py. All keep their rotary module at
-# ``model.model.rotary_emb``, rotate with ``rotate_half`` (Llama's convention), and pass any
-# window or softcap to the attention function, which honours them (kvcompile/attention.py).
+# ``model.model.rotary_emb``, rotate with ``rotate_half`` (Llama's convention) or, for the
+# types in ``rope.INTERLEAVED``, pairs of channels, and pass any window or softcap to the
+# attention function, which honours them (kvcompile/attention.py).
 SUPPORTED = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi", "phi3",
-    "olmo", "olmo2", "granite", "stablelm", "starcoder2", "smollm3",
+    "olmo", "olmo2", "granite", "stablelm", "starcoder2", "smollm3", "cohere",
 })
 
 # Refused on purpose, with the reason a user is shown.
 REFUSED = {
-    "cohere": "its RoPE interleaves channels (kvcompile rotates halves, Llama-style)",
-    "cohere2": "its RoPE interleaves channels (kvcompile rotates halves, Llama-style)",
+    "cohere2": "its full-attention layers use no RoPE and its sliding layers do",
     "gemma3": "its local and global layers use different RoPE",
     "gemma3_text": "its local and global layers use different RoPE",
     "gpt_oss": "its attention sinks and half-width RoPE are not supported yet",

@@ -5,7 +5,8 @@ Tiny random models of each supported type are built from a config (2 layers, abo
 second each). With every token kept, the pack's first-token logits must equal those of
 one ordinary forward pass over the full prompt: in ``chained`` mode over the corpus, in
 ``independent`` mode over one document (where both modes must be the full prompt), and,
-for types with sliding windows, with a window shorter than the corpus.
+for types with sliding windows, with a window shorter than the corpus. Keys placed at
+other positions than they were computed at are checked against the model's own RoPE.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ EXACT = [
     ("stablelm", "stablelm", {}),
     ("starcoder2-window", "starcoder2", {"sliding_window": WINDOW}),
     ("smollm3", "smollm3", {}),
+    ("cohere-interleaved-rope", "cohere", {}),
 ]
 
 
@@ -149,7 +151,7 @@ def test_a_refused_model_is_refused_before_its_weights_load(tmp_path):
 
     from kvcompile.cli import app
 
-    model = make_tiny_model(tmp_path / "cohere", arch="cohere")
+    model = make_tiny_model(tmp_path / "gemma3", arch="gemma3_text")
     corpus = tmp_path / "c"
     corpus.mkdir()
     (corpus / "a.txt").write_text("Some text.")
@@ -157,7 +159,7 @@ def test_a_refused_model_is_refused_before_its_weights_load(tmp_path):
                                       "--device", "cpu", "--quiet"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model type 'cohere' is not supported: its RoPE interleaves channels" in lines[0]
+    assert len(lines) == 1 and "model type 'gemma3_text' is not supported: its local and global layers" in lines[0]
 
 
 def test_window_layers_read_the_ragged_prefix_exactly_where_the_kernel_would(tiny_corpus, tmp_path, monkeypatch):
@@ -187,10 +189,34 @@ def test_models_command_lists_and_checks(tmp_path):
     assert listing.exit_code == 0, listing.output
     rows = {r["model_type"]: r["status"] for r in __import__("json").loads(listing.stdout)}
     assert {t for t, s in rows.items() if s == "supported"} == SUPPORTED
-    assert rows["cohere"] == REFUSED["cohere"]
+    assert rows["gpt2"] == REFUSED["gpt2"]
     model = make_tiny_model(tmp_path / "m", arch="mistral", sliding_window=WINDOW)
     checked = runner.invoke(app, ["models", str(model)])
     assert checked.exit_code == 0, checked.output
     assert "model type mistral, supported (RoPE default, sliding window [48] on 2 of 2 layers)" in checked.stdout
-    refused = runner.invoke(app, ["models", str(make_tiny_model(tmp_path / "c", arch="cohere"))])
-    assert refused.exit_code == 2 and "model type 'cohere' is not supported" in refused.stderr
+    refused = runner.invoke(app, ["models", str(make_tiny_model(tmp_path / "g", arch="gemma3_text"))])
+    assert refused.exit_code == 2 and "model type 'gemma3_text' is not supported" in refused.stderr
+
+
+@pytest.mark.parametrize("arch, overrides", [pytest.param(a, o, id=i) for i, a, o in EXACT])
+def test_keys_are_placed_with_the_models_own_rope(arch, overrides, tmp_path):
+    """Ratio 1.0 at unchanged positions cannot catch a wrong RoPE convention (a wrong undo and
+    a wrong redo cancel out); keys moved to other positions (independent segments, compacted
+    positions) can. So compare with the model's own ``apply_rotary_pos_emb`` directly."""
+    import importlib
+
+    from kvcompile.rope import Rotary
+
+    lm = load_model(str(make_tiny_model(tmp_path / arch, arch=arch, **overrides)), device="cpu", progress=False)
+    rotary = Rotary.of(lm.model)
+    modeling = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    heads, tokens, dim = 2, 7, 16  # make_tiny_model's head_dim
+    k = torch.randn(1, heads, tokens, dim)
+    positions = torch.tensor([0, 3, 4, 100, 517, 1000, 2047])
+    cos, sin = rotary.module(k, positions[None])
+    d = cos.shape[-1]  # partial rotary: the model rotates the leading channels only
+    _, theirs = modeling.apply_rotary_pos_emb(k[..., :d], k[..., :d], cos, sin)
+    theirs = torch.cat([theirs, k[..., d:]], dim=-1)
+    ours = torch.stack([rotary.apply(k[0, h], positions) for h in range(heads)])[None]
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert torch.allclose(rotary.undo(ours[0, 0], positions), k[0, 0], atol=1e-5)
