@@ -82,15 +82,18 @@ def padded_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
                      key_positions: torch.Tensor, query_positions: torch.Tensor, scaling: float,
-                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                     window: int | None = None, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention by positions, for layers with a sliding window or a logit softcap.
 
     query: ``[batch, q_heads, q_len, head_dim]``; keys, values: ``[batch, kv_heads, L,
     head_dim]``; valid, key_positions: ``[kv_heads, L]``; query_positions: ``[q_len]``.
     A query at position p sees the valid keys at positions k <= p, and with ``window``
     only k > p - window (transformers' convention); scores are capped as
-    ``softcap * tanh(s / softcap)`` before the mask. Softmax in fp32, as the models' own
-    eager attention does. Returns ``[batch, q_len, q_heads, head_dim]``.
+    ``softcap * tanh(s / softcap)`` before the mask. ``sinks [q_heads]`` are logits of a
+    key that every query sees and that has no value (gpt-oss's ``s_aux``): they only add
+    to the softmax's denominator. Softmax in fp32, as the models' own eager attention
+    does. Returns ``[batch, q_len, q_heads, head_dim]``.
 
     Keys are placed by position, so this is exact for any per-head selection; it is the
     reference path (on every device) for the layers that need it.
@@ -105,7 +108,12 @@ def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         seen &= key_positions[:, None, :] > query_positions[None, :, None] - window
     seen &= valid[:, None, :]
     scores = scores.masked_fill(~seen.repeat_interleave(groups, 0), float("-inf"))
-    out = torch.softmax(scores, dim=-1).to(values.dtype) @ values
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = probs.to(values.dtype) @ values
     return out.transpose(1, 2)
 
 
@@ -149,17 +157,15 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
     supported inside :func:`pack_attention` (kvcompile's own calls never pad).
     """
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-    if kwargs.get("s_aux") is not None:  # capability() refuses such models; never ignore a feature
-        raise NotImplementedError("kvcompile attention does not implement attention sinks (s_aux)")
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
     layer = key
-    if window is not None or softcap is not None:
+    if window is not None or softcap is not None or sinks is not None:
         if isinstance(key, torch.Tensor):
             kv_len, q_len = key.shape[2], query.shape[2]
             positions = torch.arange(kv_len, device=query.device).expand(key.shape[1], kv_len)
             valid = torch.ones_like(positions, dtype=torch.bool)
             out = masked_attention(query, key, value, valid, positions, positions[0, kv_len - q_len:], scaling,
-                                   window, softcap)
+                                   window, softcap, sinks)
             return out.contiguous(), None
         if layer.capture_queries:
             layer.queries = query[:, :, -layer.capture_queries :].detach()
@@ -167,7 +173,7 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
         end = layer.start + layer.length
         q_positions = torch.arange(end - query.shape[2], end, device=query.device)
         return masked_attention(query, keys, values, valid, positions, q_positions, scaling, window,
-                                softcap).contiguous(), None
+                                softcap, sinks).contiguous(), None
     if isinstance(key, torch.Tensor):
         mask = causal_mask(query.shape[2], key.shape[2], query.device)
         if attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4:

@@ -26,6 +26,7 @@ from .errors import ModelError
 SUPPORTED = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi", "phi3",
     "olmo", "olmo2", "granite", "stablelm", "starcoder2", "smollm3", "cohere",
+    "gpt_oss",
 })
 
 # Refused on purpose, with the reason a user is shown.
@@ -33,7 +34,6 @@ REFUSED = {
     "cohere2": "its full-attention layers use no RoPE and its sliding layers do",
     "gemma3": "its local and global layers use different RoPE",
     "gemma3_text": "its local and global layers use different RoPE",
-    "gpt_oss": "its attention sinks and half-width RoPE are not supported yet",
     "gpt_neox": "its rotary embedding is applied outside the place kvcompile reads it from",
     "gptj": "its rotary embedding is applied outside the place kvcompile reads it from",
     "falcon": "its rotary embedding is applied outside the place kvcompile reads it from",

@@ -350,9 +350,10 @@ def _from_pretrained(source: Path | str, label: str, dtype: torch.dtype, device:
         capability(config)  # refuse, by name, what kvcompile cannot serve exactly, before loading weights
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            # Eager where the model's SDPA cannot honour a softcap; kvcompile's own attention
+            # Eager where the model's SDPA cannot honour a softcap or sinks; kvcompile's own attention
             # is used with a pack either way (kvcompile.attention.pack_attention).
-            attn = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+            eager = getattr(config, "attn_logit_softcapping", None) or config.model_type in ("gpt_oss",)  # sinks
+            attn = "eager" if eager else "sdpa"
             model = AutoModelForCausalLM.from_pretrained(
                 source, config=config, dtype=dtype, attn_implementation=attn, device_map=str(device), **kwargs
             )

@@ -18,6 +18,9 @@ from .ragged import RaggedKV
 
 # Model types whose RoPE pairs adjacent channels (their cos/sin are repeated per pair).
 INTERLEAVED = frozenset({"cohere"})
+# Model types whose rotary module returns cos/sin for half the channels, applied to both
+# halves (gpt-oss): Llama's rotation with the angles written once.
+HALF_WIDTH = frozenset({"gpt_oss"})
 
 
 @cache
@@ -68,10 +71,12 @@ class Rotary:
     model without one gets ``None`` from :func:`Rotary.of` and keys are stored as is.
     """
 
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, interleaved: bool = False):
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, interleaved: bool = False,
+                 half_width: bool = False):
         self.module = module
         self.dtype = dtype
         self.interleaved = interleaved
+        self.half_width = half_width
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> Rotary | None:
@@ -79,14 +84,16 @@ class Rotary:
         module = getattr(base, "rotary_emb", None)
         if module is None:
             return None
-        interleaved = getattr(model.config, "model_type", None) in INTERLEAVED
-        return cls(module, next(model.parameters()).dtype, interleaved)
+        model_type = getattr(model.config, "model_type", None)
+        return cls(module, next(model.parameters()).dtype, model_type in INTERLEAVED, model_type in HALF_WIDTH)
 
     @torch.no_grad()
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[tokens, rotary_dim]`` for 1-D integer ``positions``."""
         probe = torch.empty(0, dtype=self.dtype, device=positions.device)
         cos, sin = self.module(probe, positions.long().unsqueeze(0))
+        if self.half_width:
+            return torch.cat([cos[0], cos[0]], dim=-1), torch.cat([sin[0], sin[0]], dim=-1)
         return cos[0], sin[0]
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,7 @@ EXACT = [
     ("starcoder2-window", "starcoder2", {"sliding_window": WINDOW}),
     ("smollm3", "smollm3", {}),
     ("cohere-interleaved-rope", "cohere", {}),
+    ("gpt_oss-sinks-window", "gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
 ]
 
 
@@ -214,7 +215,7 @@ def test_keys_are_placed_with_the_models_own_rope(arch, overrides, tmp_path):
     k = torch.randn(1, heads, tokens, dim)
     positions = torch.tensor([0, 3, 4, 100, 517, 1000, 2047])
     cos, sin = rotary.module(k, positions[None])
-    d = cos.shape[-1]  # partial rotary: the model rotates the leading channels only
+    d = dim if rotary.half_width else cos.shape[-1]  # partial rotary: the model rotates the leading channels only
     _, theirs = modeling.apply_rotary_pos_emb(k[..., :d], k[..., :d], cos, sin)
     theirs = torch.cat([theirs, k[..., d:]], dim=-1)
     ours = torch.stack([rotary.apply(k[0, h], positions) for h in range(heads)])[None]
