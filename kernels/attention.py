@@ -51,18 +51,25 @@ COMBINE_BLOCK_M = 16
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, q, k_t, v, mask, qk_scale, FP32: tl.constexpr):
+def _softmax_step(acc, m_i, l_i, q, k_t, v, mask, qk_scale, softcap, FP32: tl.constexpr, SOFTCAP: tl.constexpr):
     """One online-softmax update of a ``[BLOCK_M, D]`` tile with a block of keys.
 
     ``k_t`` is ``[D, BLOCK_N]`` (loaded transposed), ``v`` ``[BLOCK_N, D]``, ``mask``
     ``[BLOCK_M, BLOCK_N]`` True where attending is allowed. ``m_i`` is the running max of
     the log2-scaled scores (``-inf`` while a row has seen nothing), ``l_i`` the running sum.
+    With ``SOFTCAP``, ``qk_scale`` is the plain softmax scale and scores are capped as
+    ``softcap * tanh(s / softcap)`` before they are moved to log2 units.
     """
     if FP32:  # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores (plain tf32 would not; ieee compiles slowly)
         s = tl.dot(q, k_t, input_precision="tf32x3")
     else:
         s = tl.dot(q, k_t)
-    s = tl.where(mask, s * qk_scale, float("-inf"))
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp overflows to inf -> 1, underflows to 0 -> -1).
+        capped = softcap * (1.0 - 2.0 / (tl.exp(2.0 * (s * qk_scale / softcap)) + 1.0))
+        s = tl.where(mask, capped * 1.4426950408889634, float("-inf"))
+    else:
+        s = tl.where(mask, s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no allowed key so far keeps m = -inf; subtract 0 instead so no -inf - -inf NaN
     # appears (its p and alpha are then exp2(-inf) = 0).
@@ -80,11 +87,16 @@ def _softmax_step(acc, m_i, l_i, q, k_t, v, mask, qk_scale, FP32: tl.constexpr):
 @triton.jit
 def _attend_block(
     acc, m_i, l_i, q, tok, k_base, v_base, stride_kn, stride_vn, start, end, causal_limit, qk_scale,
+    pos_base, q_pos, window, softcap,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Attend to keys ``start .. start + BLOCK_N`` (masked at ``end``) of ``k_base``/``v_base``.
 
-    With ``CAUSAL``, key ``j`` is visible to the row of query token ``tok`` iff ``j <= causal_limit + tok``.
+    With ``CAUSAL`` (the new tokens), key ``j`` is visible to the row of query token ``tok``
+    iff ``j <= causal_limit + tok``, and with ``WINDOW`` also iff ``j > causal_limit + tok - window``.
+    Without it (the prefix), ``WINDOW`` reads each key's position at ``pos_base`` and keeps
+    those above ``q_pos - window``.
     """
     cols = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -96,14 +108,20 @@ def _attend_block(
     mask = col_ok[None, :]
     if CAUSAL:
         mask = mask & (cols[None, :] <= causal_limit + tok[:, None])
-    return _softmax_step(acc, m_i, l_i, q, k_t, v, mask, qk_scale, FP32)
+        if WINDOW:
+            mask = mask & (cols[None, :] > causal_limit + tok[:, None] - window)
+    elif WINDOW:
+        k_pos = tl.load(pos_base + cols, mask=col_ok, other=0)
+        mask = mask & (k_pos[None, :] > q_pos[:, None] - window)
+    return _softmax_step(acc, m_i, l_i, q, k_t, v, mask, qk_scale, softcap, FP32, SOFTCAP)
 
 
 @triton.jit
 def _attend_range(
     acc, m_i, l_i, q, tok, k_base, v_base, stride_kn, stride_vn, lo, hi, causal_limit, qk_scale,
+    pos_base, q_pos, window, softcap,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Attend to keys ``[lo, hi)``, one block of ``BLOCK_N`` at a time; returns ``(acc, m_i, l_i)``."""
     if WHILE_LOOP:
@@ -113,14 +131,14 @@ def _attend_range(
         while start < hi:
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, tok, k_base, v_base, stride_kn, stride_vn, start, hi, causal_limit, qk_scale,
-                CAUSAL, HEAD_DIM, BLOCK_N, FP32, UPCAST,
+                pos_base, q_pos, window, softcap, CAUSAL, HEAD_DIM, BLOCK_N, FP32, UPCAST, WINDOW, SOFTCAP,
             )
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, tok, k_base, v_base, stride_kn, stride_vn, start, hi, causal_limit, qk_scale,
-                CAUSAL, HEAD_DIM, BLOCK_N, FP32, UPCAST,
+                pos_base, q_pos, window, softcap, CAUSAL, HEAD_DIM, BLOCK_N, FP32, UPCAST, WINDOW, SOFTCAP,
             )
     return acc, m_i, l_i
 
@@ -144,16 +162,18 @@ def _store_out(out, out_ptr, b, tok, qh, row_ok, H, q_len, GROUP: tl.constexpr, 
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-# t, q_len and num_splits change from call to call (decode steps): not specialized, so they cause no recompiles.
-@triton.jit(do_not_specialize=["q_len", "t", "num_splits"])
+# t, q_len, num_splits and start change from call to call (decode steps): not specialized, so they cause no
+# recompiles.
+@triton.jit(do_not_specialize=["q_len", "t", "num_splits", "start"])
 def _ragged_attention_kernel(
     q_ptr, pk_ptr, pv_ptr, offsets_ptr, k_ptr, v_ptr,
-    out_ptr, part_ptr,
+    out_ptr, part_ptr, pos_ptr, sinks_ptr,
     stride_qb, stride_qh, stride_qi, stride_pkn, stride_pvn,
     stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    H, q_len, t, num_splits, qk_scale,
+    H, q_len, t, num_splits, qk_scale, start, window, softcap,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
 ):
     """Grid ``(cdiv(q_len * GROUP, BLOCK_M), B * H, num_splits)``; see the module docstring.
 
@@ -198,17 +218,18 @@ def _ragged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Prefix rows [lo, min(hi, n)) of head h: no causal mask, only the tail.
+    q_pos = start + t - q_len + tok  # the queries' positions (read only with WINDOW)
+    # Prefix rows [lo, min(hi, n)) of head h: no causal mask, only the tail (and the window).
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, tok, pk_ptr + p_start * stride_pkn, pv_ptr + p_start * stride_pvn,
-        stride_pkn, stride_pvn, lo, tl.minimum(hi, n), 0, qk_scale,
-        False, HEAD_DIM, BLOCK_N, FP32, UPCAST, WHILE_LOOP,
+        stride_pkn, stride_pvn, lo, tl.minimum(hi, n), 0, qk_scale, pos_ptr + p_start, q_pos, window, softcap,
+        False, HEAD_DIM, BLOCK_N, FP32, UPCAST, WHILE_LOOP, WINDOW, SOFTCAP,
     )
     # New tokens [max(lo, n) - n, hi - n): causal, token j is visible to query token i iff j <= t - q_len + i.
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, tok, k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,
-        stride_kt, stride_vt, tl.maximum(lo, n) - n, hi - n, t - q_len, qk_scale,
-        True, HEAD_DIM, BLOCK_N, FP32, UPCAST, WHILE_LOOP,
+        stride_kt, stride_vt, tl.maximum(lo, n) - n, hi - n, t - q_len, qk_scale, pos_ptr, q_pos, window, softcap,
+        True, HEAD_DIM, BLOCK_N, FP32, UPCAST, WHILE_LOOP, WINDOW, SOFTCAP,
     )
 
     if SPLIT:
@@ -219,9 +240,19 @@ def _ragged_attention_kernel(
         tl.store(l_ptr + row, l_i, mask=row_ok)
         tl.store(acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
     else:
+        if SINKS:
+            l_i = _add_sink(l_i, m_i, sinks_ptr, qh, row_ok)
         # A row that saw no key at all (empty head and no new tokens) has l = 0 and acc = 0: output 0.
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         _store_out(out, out_ptr, b, tok, qh, row_ok, H, q_len, GROUP, HEAD_DIM)
+
+
+@triton.jit
+def _add_sink(l_i, m_i, sinks_ptr, qh, row_ok):
+    """The softmax sum with each query head's sink logit (natural units) added: a key with no value."""
+    sink = tl.load(sinks_ptr + qh, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)  # as in _softmax_step
+    return l_i + tl.exp2(sink - m_safe)
 
 
 @triton.jit
@@ -240,8 +271,9 @@ def _combine_split(acc, m_i, l_i, acc_ptr, m_ptr, l_ptr, row, row_ok, HEAD_DIM: 
 
 @triton.jit(do_not_specialize=["q_len", "num_splits"])
 def _combine_kernel(
-    out_ptr, part_ptr, H, q_len, num_splits,
+    out_ptr, part_ptr, sinks_ptr, H, q_len, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     """Merge the split partials of ``BLOCK_M`` rows with log-sum-exp; grid ``(cdiv(q_len * GROUP, BLOCK_M), B * H)``."""
     pid_m = tl.program_id(0)
@@ -268,8 +300,11 @@ def _combine_kernel(
             row = first_row + s * m_total
             acc, m_i, l_i = _combine_split(acc, m_i, l_i, acc_ptr, m_ptr, l_ptr, row, row_ok, HEAD_DIM)
 
+    qh = h * GROUP + offs_m % GROUP
+    if SINKS:
+        l_i = _add_sink(l_i, m_i, sinks_ptr, qh, row_ok)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    _store_out(out, out_ptr, b, offs_m // GROUP, h * GROUP + offs_m % GROUP, row_ok, H, q_len, GROUP, HEAD_DIM)
+    _store_out(out, out_ptr, b, offs_m // GROUP, qh, row_ok, H, q_len, GROUP, HEAD_DIM)
 
 
 # True when TRITON_INTERPRET=1 was set as this module was imported (the kernels then run in numpy).
@@ -362,6 +397,12 @@ def ragged_attention(
     values: torch.Tensor,
     scaling: float,
     num_splits: int | None = None,
+    *,
+    prefix_positions: torch.Tensor | None = None,
+    start: int = 0,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` over ``[prefix of its KV head | causal new tokens]`` (Triton).
 
@@ -376,6 +417,17 @@ def ragged_attention(
     two in [16, 256]; all tensors share one dtype (float16, bfloat16 or float32).
     A query that sees no key (empty head and ``t = 0``) gets zeros.
 
+    The attention features of some models (``masked_attention`` in kvcompile/attention.py
+    is the model-level spec), all off by default:
+
+    - ``window``: a sliding window. New token ``j`` stands at position ``start + j`` and
+      query ``i`` at ``start + t - q_len + i``; a query at ``p`` sees only keys above
+      ``p - window``, prefix rows by ``prefix_positions [N]`` (int32/int64, each below
+      ``start``), which ``window`` requires.
+    - ``softcap``: scores become ``softcap * tanh(s * scaling / softcap)``.
+    - ``sinks``: ``[Hq]`` logits of a key without a value, added to each query head's
+      softmax denominator (gpt-oss).
+
     Tensors may have any strides as long as the last dimension is contiguous (views such as
     ``buf[:, :, :t]`` or ``x.view(B, q_len, Hq, D).transpose(1, 2)`` are read in place); a tensor
     whose last dimension is not contiguous is copied first. No host synchronisation: safe in a
@@ -385,6 +437,7 @@ def ragged_attention(
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, t = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
+    _check_features(query, prefix_keys, prefix_positions, window, sinks)
     out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=query.device)
     if out.numel() == 0:
         return out
@@ -411,20 +464,38 @@ def ragged_attention(
     # triton-lang/triton#11584): under TRITON_INTERPRET=1 bf16 tiles are upcast to fp32 after loading.
     upcast = _INTERPRETED and query.dtype == torch.bfloat16
     q_s, k_s, v_s = query.stride(), keys.stride(), values.stride()
+    # Unused feature pointers get any tensor: their loads are compiled out (constexpr flags).
+    positions = prefix_positions if window is not None else offsets
+    sinks = sinks.float().contiguous() if sinks is not None else out
+    qk_scale = float(scaling) if softcap is not None else float(scaling) * LOG2E
     _ragged_attention_kernel[(m_tiles, batch * kv_heads, num_splits)](
-        query, prefix_keys, prefix_values, offsets, keys, values, out, part,
+        query, prefix_keys, prefix_values, offsets, keys, values, out, part, positions, sinks,
         q_s[0], q_s[1], q_s[2], prefix_keys.stride(0), prefix_values.stride(0),
         k_s[0], k_s[1], k_s[2], v_s[0], v_s[1], v_s[2],
-        kv_heads, q_len, t, num_splits, float(scaling) * LOG2E,
+        kv_heads, q_len, t, num_splits, qk_scale, int(start), int(window or 0), float(softcap or 1.0),
         GROUP=group, HEAD_DIM=head_dim, SPLIT=num_splits > 1,
-        FP32=query.dtype == torch.float32 or upcast, UPCAST=upcast, WHILE_LOOP=_INTERPRETED, **cfg,
+        FP32=query.dtype == torch.float32 or upcast, UPCAST=upcast, WHILE_LOOP=_INTERPRETED,
+        WINDOW=window is not None, SOFTCAP=softcap is not None, SINKS=sinks is not out, **cfg,
     )
     if num_splits > 1:
         _combine_kernel[(_cdiv(m_total, COMBINE_BLOCK_M), batch * kv_heads)](
-            out, part, kv_heads, q_len, num_splits,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=COMBINE_BLOCK_M, WHILE_LOOP=_INTERPRETED, num_warps=4,
+            out, part, sinks, kv_heads, q_len, num_splits,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=COMBINE_BLOCK_M, WHILE_LOOP=_INTERPRETED,
+            SINKS=sinks is not out, num_warps=4,
         )
     return out
+
+
+def _check_features(query, prefix_keys, prefix_positions, window, sinks) -> None:
+    if window is not None:
+        if window < 1:
+            raise ValueError(f"window must be a positive number of tokens, got {window}")
+        if (prefix_positions is None or prefix_positions.shape != (prefix_keys.shape[0],)
+                or prefix_positions.dtype not in (torch.int32, torch.int64)
+                or prefix_positions.device != query.device):
+            raise ValueError("a window needs prefix_positions: int32/int64 [N] on the query's device")
+    if sinks is not None and (sinks.shape != (query.shape[1],) or sinks.device != query.device):
+        raise ValueError(f"sinks must be [{query.shape[1]}] (one per query head) on the query's device")
 
 
 def ragged_attention_reference(
@@ -437,13 +508,21 @@ def ragged_attention_reference(
     values: torch.Tensor,
     scaling: float,
     num_splits: int | None = None,
+    *,
+    prefix_positions: torch.Tensor | None = None,
+    start: int = 0,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The spec of :func:`ragged_attention`, in plain fp32 PyTorch (same arguments and output).
 
     Each head's prefix is padded to ``max_len`` through a gather index, the new tokens are
     appended, and one bool mask ``[H, q_len, max_len + t]`` says what each query sees: the
-    head's real prefix rows, and new token ``j`` iff ``j <= t - q_len + i``. A query that
-    sees nothing gets zeros. ``num_splits`` is accepted for signature parity and ignored.
+    head's real prefix rows, and new token ``j`` iff ``j <= t - q_len + i``, each within
+    the window by position if one is given. Scores are softcapped before the mask, and sinks
+    join each softmax as one more column. A query that sees nothing gets zeros.
+    ``num_splits`` is accepted for signature parity and ignored.
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, t = keys.shape[1], keys.shape[2]
@@ -465,12 +544,25 @@ def ragged_attention_reference(
     tok = torch.arange(q_len, device=device)
     new = torch.arange(t, device=device)
     causal = new[None, :] <= (t - q_len) + tok[:, None]  # [q_len, t]
-    mask = torch.cat([valid[:, None, :].expand(-1, q_len, -1), causal.expand(kv_heads, -1, -1)], dim=2)
+    if window is not None:
+        q_pos = start + t - q_len + tok  # [q_len]
+        k_pos = torch.cat([prefix_positions.to(device, torch.long), prefix_positions.new_zeros(1)])[idx]  # [H, max_len]
+        valid = valid[:, None, :] & (k_pos[:, None, :] > q_pos[None, :, None] - window)  # [H, q_len, max_len]
+        causal = causal & (start + new[None, :] > q_pos[:, None] - window)
+    else:
+        valid = valid[:, None, :].expand(-1, q_len, -1)
+    mask = torch.cat([valid, causal.expand(kv_heads, -1, -1)], dim=2)
 
     q = query.float().reshape(batch, kv_heads, group, q_len, head_dim)
     scores = torch.einsum("bhgid,bhjd->bhgij", q, k) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~mask[None, :, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows (nothing visible) -> 0
+    if sinks is not None:  # one more key per query head, with no value
+        sink = sinks.float().reshape(1, kv_heads, group, 1, 1).expand(batch, -1, -1, q_len, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all -inf rows (nothing visible) -> 0
     out = torch.einsum("bhgij,bhjd->bhgid", probs, v).reshape(batch, q_heads, q_len, head_dim)
     return out.transpose(1, 2).contiguous().to(query.dtype)
 

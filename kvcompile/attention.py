@@ -118,19 +118,14 @@ def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 
 def _by_position(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A PackLayer as ``keys, values [batch, kv_heads, L, head_dim]``, ``valid`` and
-    ``positions [kv_heads, L]``: the prefix padded to its longest head, then the new tokens."""
+    """A padded PackLayer as ``keys, values [batch, kv_heads, L, head_dim]`` (views of its
+    buffer), ``valid`` and ``positions [kv_heads, L]``: the prefix, then the new tokens."""
     p, t = layer.prefix, layer.length
     index, valid = p.padded_index()
     new_positions = torch.arange(layer.start, layer.start + t, device=index.device).expand(p.heads, t)
     positions = torch.cat([p.positions[index], new_positions], dim=1)
     valid = torch.cat([valid, valid.new_ones(p.heads, t)], dim=1)
-    if layer.pad is not None:  # already gathered into the buffer
-        return layer.padded_keys[..., :-1], layer.padded_values[..., :-1], valid, positions
-    batch = layer.new_keys.shape[0]
-    keys = torch.cat([p.keys[index].expand(batch, -1, -1, -1), layer.new_keys], dim=2)
-    values = torch.cat([p.values[index].expand(batch, -1, -1, -1), layer.new_values], dim=2)
-    return keys, values, valid, positions
+    return layer.padded_keys[..., :-1], layer.padded_values[..., :-1], valid, positions
 
 
 @cache
@@ -159,7 +154,8 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
     layer = key
-    if window is not None or softcap is not None or sinks is not None:
+    features = window is not None or softcap is not None or sinks is not None
+    if features and (isinstance(key, torch.Tensor) or layer.pad is not None):
         if isinstance(key, torch.Tensor):
             kv_len, q_len = key.shape[2], query.shape[2]
             positions = torch.arange(kv_len, device=query.device).expand(key.shape[1], kv_len)
@@ -185,7 +181,9 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
         layer.queries = query[:, :, -layer.capture_queries :].detach()
     if layer.pad is None:
         p = layer.prefix
-        out = _kernel()(query, p.keys, p.values, p.offsets, p.max_len, layer.new_keys, layer.new_values, scaling)
+        out = _kernel()(query, p.keys, p.values, p.offsets, p.max_len, layer.new_keys, layer.new_values, scaling,
+                        prefix_positions=p.positions, start=layer.start, window=window, softcap=softcap,
+                        sinks=sinks)
         return out, None
     return padded_attention(query, layer.padded_keys, layer.padded_values, scaling).contiguous(), None
 

@@ -163,23 +163,6 @@ def test_a_refused_model_is_refused_before_its_weights_load(tmp_path):
     assert len(lines) == 1 and "model type 'gemma3_text' is not supported: its local and global layers" in lines[0]
 
 
-def test_window_layers_read_the_ragged_prefix_exactly_where_the_kernel_would(tiny_corpus, tmp_path, monkeypatch):
-    """On CUDA the prefix stays ragged (no padded buffer); window and softcap layers then gather
-    it by position. Forced here on the CPU, the answer is the padded reference's."""
-    import kvcompile.cache
-
-    lm = load_model(str(make_tiny_model(tmp_path / "m", arch="gemma2", sliding_window=WINDOW)), device="cpu",
-                    progress=False)
-    path = tmp_path / "g.kvpack"
-    build([tiny_corpus], path, lm, load_recipe("qa"), BuildOptions(ratio=0.5, chunk_size=64, codec="fp32"))
-    pack = kvcompile.load(path)
-    padded = pack.session(lm).first_token_logits(QUESTION)
-    monkeypatch.setattr(kvcompile.cache, "uses_kernel", lambda device: True)
-    session = pack.session(lm)
-    assert session.cache().layers[0].pad is None
-    assert torch.allclose(session.first_token_logits(QUESTION), padded, atol=1e-5)
-
-
 def test_models_command_lists_and_checks(tmp_path):
     from typer.testing import CliRunner
 

@@ -346,6 +346,86 @@ def test_lazy_exports():
     assert math.isclose(attn.LOG2E, 1 / math.log(2))
 
 
+# ----------------------------------------------------------------------------- model features
+
+def with_features(inputs, window=None, softcap=None, sinks=False, start=None, seed=0):
+    """``inputs`` plus sorted prefix positions below ``start`` per head, and the features asked for."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = inputs["offsets"].long()
+    lengths = (offsets[1:] - offsets[:-1]).tolist()
+    start = start if start is not None else 2 * max(lengths) + 8
+    positions = torch.cat([torch.randperm(start, generator=g)[:n].sort().values for n in lengths]).to(torch.int32)
+    q_heads = inputs["query"].shape[1]
+    extra = dict(prefix_positions=positions, start=start, window=window, softcap=softcap,
+                 sinks=torch.randn(q_heads, generator=g) * 2 if sinks else None)
+    return {**inputs, **extra}
+
+
+FEATURES = {
+    "window-decode": dict(window=20),
+    "window-prefill": dict(window=6),
+    "window-wider-than-all": dict(window=10_000),
+    "softcap": dict(softcap=5.0),
+    "sinks": dict(sinks=True),
+    "all": dict(window=9, softcap=3.0, sinks=True),
+}
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("name", FEATURES)
+def test_window_softcap_and_sinks_match_reference(name, splits):
+    features = FEATURES[name]
+    q_len, t = (1, 2) if "decode" in name else (5, 9)
+    inputs = make_inputs([9, 0, 33, 70], 2, 2, 32, q_len, t, torch.float32, seed=5)
+    inputs["query"] = inputs["query"] * 4  # large scores, so the cap and the sinks matter
+    check_attention(with_features(inputs, **features), splits)
+
+
+def test_features_change_the_result():
+    """The feature tests can fail: each feature changes the output."""
+    base = make_inputs([9, 0, 33, 70], 1, 2, 32, 5, 9, torch.float32, seed=5)
+    base["query"] = base["query"] * 4
+    plain = attn.ragged_attention(**with_features(base), num_splits=1)
+    for name, features in FEATURES.items():
+        if name != "window-wider-than-all":
+            out = attn.ragged_attention(**with_features(base, **features), num_splits=1)
+            assert (out - plain).abs().max() > 1e-3, name
+
+
+def test_a_window_needs_positions():
+    inputs = make_inputs([3, 4], 1, 2, 16, 1, 1, torch.float32)
+    with pytest.raises(ValueError, match="prefix_positions"):
+        attn.ragged_attention(**inputs, window=4)
+
+
+@pytest.mark.parametrize("arch, overrides", [("gemma2", dict(sliding_window=48)),
+                                             ("gpt_oss", dict(sliding_window=48, num_local_experts=4,
+                                                              num_experts_per_tok=2))],
+                         ids=["gemma2-softcap-window", "gpt_oss-sinks-window"])
+def test_models_with_windows_softcaps_and_sinks_answer_alike_through_the_kernel(arch, overrides, tiny_corpus,
+                                                                                  tmp_path, monkeypatch):
+    """The kernel path of a pack's attention (CUDA's, run here on CPU tensors in the interpreter)
+    gives the padded reference's answer for layers with windows, softcaps and sinks."""
+    import kvcompile
+    import kvcompile.cache
+    from kvcompile.builder import BuildOptions
+    from kvcompile.models import load_model, make_tiny_model
+    from kvcompile.pipeline import build
+    from kvcompile.recipe import load_recipe
+
+    torch.set_num_threads(1)
+    lm = load_model(str(make_tiny_model(tmp_path / arch, arch=arch, **overrides)), device="cpu", progress=False)
+    path = tmp_path / "p.kvpack"
+    build([tiny_corpus], path, lm, load_recipe("qa"), BuildOptions(ratio=0.5, chunk_size=128, codec="fp32"))
+    pack = kvcompile.load(path)
+    question = "How long is the password reset link valid?"
+    reference = pack.session(lm).first_token_logits(question)
+    monkeypatch.setattr(kvcompile.cache, "uses_kernel", lambda device: True)
+    session = pack.session(lm)
+    assert session.cache().layers[0].pad is None
+    torch.testing.assert_close(session.first_token_logits(question), reference, atol=1e-4, rtol=1e-4)
+
+
 if not IN_PROCESS:
     # The tests above run in the child process of test_interpreter_suite_in_subprocess; collect only that one here.
     for _name in [n for n in globals() if n.startswith("test_") and n != "test_interpreter_suite_in_subprocess"]:

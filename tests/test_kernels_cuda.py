@@ -183,3 +183,18 @@ def test_rope(kernels, dtype, head_dim, rotary):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(out[:, rotary:], x[:, rotary:], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("features", [dict(window=4096), dict(softcap=50.0), dict(sinks=True),
+                                      dict(window=1000, softcap=30.0, sinks=True)],
+                         ids=["window", "softcap", "sinks", "all"])
+@pytest.mark.parametrize("q_len, t", [(1, 1), (64, 100)])
+def test_window_softcap_and_sinks_bf16(kernels, features, q_len, t):
+    attention, _ = kernels
+    inputs = make_inputs(LENGTHS_5K, 1, 4, 128, q_len, t, torch.bfloat16, seed=7)
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    start = 8192
+    positions = torch.cat([torch.randperm(start, generator=g, device=DEVICE)[:n].sort().values for n in LENGTHS_5K])
+    sinks = torch.randn(inputs["query"].shape[1], generator=g, device=DEVICE) if features.get("sinks") else None
+    check(attention, {**inputs, "prefix_positions": positions, "start": start, "window": features.get("window"),
+                      "softcap": features.get("softcap"), "sinks": sinks})
