@@ -29,7 +29,7 @@ from .framing import Framing, document_text, frame
 from .models import LoadedModel
 from .ragged import RaggedKV
 from .recipe import Recipe
-from .rope import Rotary, place
+from .rope import place, rotaries, unrotate
 from .scorers import LayerView, Scorer, make_scorer
 from .selection import layer_budget, select
 
@@ -176,7 +176,7 @@ class _Compiler:
         cfg = self.model.config
         self.layers, self.kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.rotary = Rotary.of(self.model)
+        self.rotaries = rotaries(self.model)  # per layer; the compiler's KV stacks all layers
         self.device, self.dtype = lm.device, lm.dtype
         self.scorer = options.make_scorer()
         self.codec = get_codec(options.codec)
@@ -185,13 +185,13 @@ class _Compiler:
 
     def stored(self, kv: RaggedKV) -> RaggedKV:
         """Post-RoPE KV as the pack stores it: keys un-rotated, both through the codec."""
-        keys = self.rotary.undo(kv.keys, kv.positions) if self.rotary is not None else kv.keys
+        keys = unrotate(kv, self.rotaries)
         return kv.replace(keys=self.codec.roundtrip(keys), values=self.codec.roundtrip(kv.values))
 
     def attendable(self, seg: RaggedKV, origin: int) -> RaggedKV:
         """A stored segment as later tokens attend to it, placed exactly as a pack is loaded
         (so reused and fresh segments give the same context)."""
-        return place(seg, self.rotary, self.device, self.dtype, shift=origin)
+        return place(seg, self.rotaries, self.device, self.dtype, shift=origin)
 
     def prefill(self, ids: torch.Tensor, cache: PackCache) -> None:
         t0 = time.perf_counter()

@@ -20,20 +20,20 @@ from dataclasses import dataclass
 from .errors import ModelError
 
 # Verified exact at ratio 1.0 in tests/test_architectures.py. All keep their rotary module at
-# ``model.model.rotary_emb``, rotate with ``rotate_half`` (Llama's convention) or, for the
-# types in ``rope.INTERLEAVED``, pairs of channels, and pass any window or softcap to the
-# attention function, which honours them (kvcompile/attention.py).
+# ``model.model.rotary_emb`` (one RoPE per layer type for Gemma-3; none on SmolLM3's
+# ``no_rope_layers``: kvcompile.rope.rotaries), rotate with ``rotate_half`` or a convention
+# named in kvcompile/rope.py, and pass any window, softcap or sinks to the attention function,
+# which honours them (kvcompile/attention.py).
 SUPPORTED = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi", "phi3",
     "olmo", "olmo2", "granite", "stablelm", "starcoder2", "smollm3", "cohere",
-    "gpt_oss",
+    "gpt_oss", "gemma3_text",
 })
 
 # Refused on purpose, with the reason a user is shown.
 REFUSED = {
     "cohere2": "its full-attention layers use no RoPE and its sliding layers do",
-    "gemma3": "its local and global layers use different RoPE",
-    "gemma3_text": "its local and global layers use different RoPE",
+    "gemma3": "it is the multimodal Gemma-3; use its text model (gemma3_text)",
     "gpt_neox": "its rotary embedding is applied outside the place kvcompile reads it from",
     "gptj": "its rotary embedding is applied outside the place kvcompile reads it from",
     "falcon": "its rotary embedding is applied outside the place kvcompile reads it from",
@@ -106,11 +106,6 @@ def capability(config) -> Capability:
     if rope_type == "longrope":
         refuse("longrope chooses its RoPE factors from the length of each call, so keys placed at load "
                "differ from the full prompt's")
-    if rope_type.startswith("per-layer"):
-        refuse("its layers use different RoPE")
-    no_rope = getattr(config, "no_rope_layers", None)
-    if no_rope and not all(no_rope):
-        refuse("some of its layers use no RoPE")
     layers = config.num_hidden_layers
     return Capability(
         model_type=model_type,

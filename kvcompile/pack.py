@@ -23,7 +23,7 @@ from .format import FORMAT_VERSION, decode_positions, unzstd
 from .framing import Framing
 from .models import LoadedModel, load_model
 from .ragged import RaggedKV
-from .rope import Rotary, place
+from .rope import place, rotaries
 
 
 class Pack:
@@ -249,8 +249,8 @@ class Pack:
         each layer's keys rotated to their stored positions in one call for all heads.
         Questions start at ``question_position``. Refuses another model than the pack's."""
         self.check_model(lm)
-        rotary = Rotary.of(lm.model) if self.model["rope"] else None
-        return [place(self.layer(li), rotary, lm.device, lm.dtype) for li in range(len(self.kept))]
+        per_layer = rotaries(lm.model) if self.model["rope"] else [None] * len(self.kept)
+        return [place(self.layer(li), [per_layer[li]], lm.device, lm.dtype) for li in range(len(self.kept))]
 
     @property
     def question_position(self) -> int:

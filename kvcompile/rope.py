@@ -10,6 +10,8 @@ honoured.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from functools import cache
 
 import torch
@@ -67,31 +69,26 @@ def undo_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved
 class Rotary:
     """cos/sin for arbitrary positions from a model's rotary module.
 
-    ``model.model.rotary_emb`` is where every RoPE model in transformers keeps it; a
-    model without one gets ``None`` from :func:`Rotary.of` and keys are stored as is.
+    ``model.model.rotary_emb`` is where every RoPE model in transformers keeps it;
+    :func:`rotaries` gives each layer its own (None without RoPE: keys stored as they are).
+    ``layer_type``: for modules that serve several RoPEs (Gemma-3's local and global
+    layers), the one of this layer.
     """
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype, interleaved: bool = False,
-                 half_width: bool = False):
+                 half_width: bool = False, layer_type: str | None = None):
         self.module = module
         self.dtype = dtype
         self.interleaved = interleaved
         self.half_width = half_width
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> Rotary | None:
-        base = getattr(model, "model", model)
-        module = getattr(base, "rotary_emb", None)
-        if module is None:
-            return None
-        model_type = getattr(model.config, "model_type", None)
-        return cls(module, next(model.parameters()).dtype, model_type in INTERLEAVED, model_type in HALF_WIDTH)
+        self.layer_type = layer_type
 
     @torch.no_grad()
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[tokens, rotary_dim]`` for 1-D integer ``positions``."""
         probe = torch.empty(0, dtype=self.dtype, device=positions.device)
-        cos, sin = self.module(probe, positions.long().unsqueeze(0))
+        args = (probe, positions.long().unsqueeze(0)) + ((self.layer_type,) if self.layer_type else ())
+        cos, sin = self.module(*args)
         if self.half_width:
             return torch.cat([cos[0], cos[0]], dim=-1), torch.cat([sin[0], sin[0]], dim=-1)
         return cos[0], sin[0]
@@ -108,12 +105,60 @@ class Rotary:
         """Undo the rotation of ``x [tokens, head_dim]`` at ``positions [tokens]``."""
         cos, sin = self.cos_sin(positions.to(x.device))
         # Some rope types (YaRN, longrope) scale cos and sin by s; the inverse of s*R is R^T / s.
-        s2 = float(getattr(self.module, "attention_scaling", 1.0)) ** 2
+        name = f"{self.layer_type}_attention_scaling" if self.layer_type else "attention_scaling"
+        s2 = float(getattr(self.module, name, 1.0)) ** 2
         return undo_rope(x, cos.to(x.dtype) / s2, sin.to(x.dtype) / s2, self.interleaved)
 
 
-def place(kv: RaggedKV, rotary: Rotary | None, device: torch.device, dtype: torch.dtype, shift: int = 0) -> RaggedKV:
-    """Stored KV (pre-RoPE keys) made attendable: on ``device`` in ``dtype``, positions moved
-    by ``shift``, keys rotated to them. The loader and the compiler both place KV this way."""
+def rotaries(model: torch.nn.Module) -> list[Rotary | None]:
+    """Each layer's rotary, or None for a layer without RoPE (SmolLM3's ``no_rope_layers``, or
+    a model without a rotary module). Layers with the same RoPE share one object."""
+    config = model.config
+    layers = config.num_hidden_layers
+    module = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if module is None:
+        return [None] * layers
+    model_type = getattr(config, "model_type", None)
+    dtype = next(model.parameters()).dtype
+    # A module whose forward takes a layer type serves one RoPE per type (Gemma-3).
+    typed = "layer_type" in inspect.signature(module.forward).parameters
+    shared: dict[str | None, Rotary] = {}
+    out: list[Rotary | None] = []
+    for li in range(layers):
+        if getattr(config, "no_rope_layers", None) and not config.no_rope_layers[li]:
+            out.append(None)
+            continue
+        layer_type = config.layer_types[li] if typed else None
+        if layer_type not in shared:
+            shared[layer_type] = Rotary(module, dtype, model_type in INTERLEAVED, model_type in HALF_WIDTH, layer_type)
+        out.append(shared[layer_type])
+    return out
+
+
+def _by_layer(kv: RaggedKV, per_layer: Sequence[Rotary | None], undo: bool) -> torch.Tensor:
+    """The keys of ``kv`` (``len(per_layer)`` layers stacked, :meth:`RaggedKV.stack`) rotated,
+    or un-rotated, by each layer's rotary: one call when every layer shares one."""
+    def turn(rotary: Rotary | None, part: RaggedKV) -> torch.Tensor:
+        if rotary is None:
+            return part.keys
+        return rotary.undo(part.keys, part.positions) if undo else rotary.apply(part.keys, part.positions)
+
+    if all(r is per_layer[0] for r in per_layer):
+        return turn(per_layer[0], kv)
+    return torch.cat([turn(r, part) for r, part in zip(per_layer, kv.split(len(per_layer)))])
+
+
+def unrotate(kv: RaggedKV, per_layer: Sequence[Rotary | None]) -> torch.Tensor:
+    """Post-RoPE keys of ``kv`` (layers stacked) as a pack stores them: before RoPE."""
+    return _by_layer(kv, per_layer, undo=True)
+
+
+def place(kv: RaggedKV, per_layer: Sequence[Rotary | None], device: torch.device, dtype: torch.dtype,
+          shift: int = 0) -> RaggedKV:
+    """Stored KV (pre-RoPE keys; ``len(per_layer)`` layers stacked) made attendable: on
+    ``device`` in ``dtype``, positions moved by ``shift``, keys rotated to them by each
+    layer's rotary. The loader and the compiler both place KV this way."""
     kv = kv.to(device, dtype).shifted(shift)
-    return kv.replace(keys=rotary.apply(kv.keys, kv.positions)) if rotary is not None else kv
+    if all(r is None for r in per_layer):
+        return kv
+    return kv.replace(keys=_by_layer(kv, per_layer, undo=False))

@@ -23,7 +23,7 @@ from .errors import OptionError
 from .format import FORMAT_VERSION, encode_positions, zstd_frame
 from .models import LoadedModel
 from .recipe import Recipe
-from .rope import Rotary
+from .rope import rotaries
 
 
 def model_identity(lm: LoadedModel) -> dict:
@@ -38,7 +38,7 @@ def model_identity(lm: LoadedModel) -> dict:
         "num_kv_heads": cfg.num_key_value_heads,
         "head_dim": head_dim,
         "max_positions": lm.max_positions,
-        "rope": Rotary.of(lm.model) is not None,
+        "rope": any(r is not None for r in rotaries(lm.model)),
     }
 
 

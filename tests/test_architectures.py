@@ -61,9 +61,15 @@ EXACT = [
     ("stablelm", "stablelm", {}),
     ("starcoder2-window", "starcoder2", {"sliding_window": WINDOW}),
     ("smollm3", "smollm3", {}),
+    ("smollm3-no-rope-layer", "smollm3", {"num_hidden_layers": 4}),
+    ("gemma3_text-local-global-rope", "gemma3_text", {"sliding_window": WINDOW, "num_hidden_layers": 3,
+                                                      "sliding_window_pattern": 2}),
     ("cohere-interleaved-rope", "cohere", {}),
     ("gpt_oss-sinks-window", "gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
 ]
+
+
+MODELING = {"gemma3_text": "gemma3"}  # where a type's modeling code lives, when not under its own name
 
 
 def test_the_matrix_covers_every_supported_type():
@@ -139,9 +145,8 @@ def test_unsupported_types_are_refused_by_name(arch):
 @pytest.mark.parametrize("arch, overrides, feature", [
     ("phi3", {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
                                   "original_max_position_embeddings": 256, "rope_theta": 10000.0}}, "longrope"),
-    ("smollm3", {"num_hidden_layers": 4}, "some of its layers use no RoPE"),
     ("mamba", {}, "has not been verified"),
-], ids=["phi3-longrope", "smollm3-no-rope-layers", "unknown-type"])
+], ids=["phi3-longrope", "unknown-type"])
 def test_unsupported_features_of_supported_types_are_refused_by_name(arch, overrides, feature):
     with pytest.raises(ModelError, match=feature):
         capability(_config(arch, **overrides))
@@ -152,7 +157,7 @@ def test_a_refused_model_is_refused_before_its_weights_load(tmp_path):
 
     from kvcompile.cli import app
 
-    model = make_tiny_model(tmp_path / "gemma3", arch="gemma3_text")
+    model = make_tiny_model(tmp_path / "neox", arch="gpt_neox")
     corpus = tmp_path / "c"
     corpus.mkdir()
     (corpus / "a.txt").write_text("Some text.")
@@ -160,7 +165,7 @@ def test_a_refused_model_is_refused_before_its_weights_load(tmp_path):
                                       "--device", "cpu", "--quiet"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model type 'gemma3_text' is not supported: its local and global layers" in lines[0]
+    assert len(lines) == 1 and "model type 'gpt_neox' is not supported: its rotary embedding" in lines[0]
 
 
 def test_models_command_lists_and_checks(tmp_path):
@@ -178,8 +183,8 @@ def test_models_command_lists_and_checks(tmp_path):
     checked = runner.invoke(app, ["models", str(model)])
     assert checked.exit_code == 0, checked.output
     assert "model type mistral, supported (RoPE default, sliding window [48] on 2 of 2 layers)" in checked.stdout
-    refused = runner.invoke(app, ["models", str(make_tiny_model(tmp_path / "g", arch="gemma3_text"))])
-    assert refused.exit_code == 2 and "model type 'gemma3_text' is not supported" in refused.stderr
+    refused = runner.invoke(app, ["models", str(make_tiny_model(tmp_path / "g", arch="gpt_neox"))])
+    assert refused.exit_code == 2 and "model type 'gpt_neox' is not supported" in refused.stderr
 
 
 @pytest.mark.parametrize("arch, overrides", [pytest.param(a, o, id=i) for i, a, o in EXACT])
@@ -189,18 +194,28 @@ def test_keys_are_placed_with_the_models_own_rope(arch, overrides, tmp_path):
     positions) can. So compare with the model's own ``apply_rotary_pos_emb`` directly."""
     import importlib
 
-    from kvcompile.rope import Rotary
+    from kvcompile.rope import rotaries
 
     lm = load_model(str(make_tiny_model(tmp_path / arch, arch=arch, **overrides)), device="cpu", progress=False)
-    rotary = Rotary.of(lm.model)
-    modeling = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    name = MODELING.get(arch, arch)
+    modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
     heads, tokens, dim = 2, 7, 16  # make_tiny_model's head_dim
     k = torch.randn(1, heads, tokens, dim)
     positions = torch.tensor([0, 3, 4, 100, 517, 1000, 2047])
-    cos, sin = rotary.module(k, positions[None])
-    d = dim if rotary.half_width else cos.shape[-1]  # partial rotary: the model rotates the leading channels only
-    _, theirs = modeling.apply_rotary_pos_emb(k[..., :d], k[..., :d], cos, sin)
-    theirs = torch.cat([theirs, k[..., d:]], dim=-1)
-    ours = torch.stack([rotary.apply(k[0, h], positions) for h in range(heads)])[None]
-    assert torch.allclose(ours, theirs, atol=1e-5)
-    assert torch.allclose(rotary.undo(ours[0, 0], positions), k[0, 0], atol=1e-5)
+    per_layer = rotaries(lm.model)
+    assert len(per_layer) == lm.config.num_hidden_layers
+    if getattr(lm.config, "no_rope_layers", None):  # those layers' keys are stored and placed as they are
+        assert [r is None for r in per_layer] == [not use for use in lm.config.no_rope_layers]
+        assert any(r is None for r in per_layer) == (arch == "smollm3" and lm.config.num_hidden_layers >= 4)
+    if arch == "gemma3_text":  # local and global layers, each with its own RoPE
+        assert [r.layer_type for r in per_layer] == lm.config.layer_types
+        assert len({r.layer_type for r in per_layer}) == 2
+    for rotary in {id(r): r for r in per_layer if r is not None}.values():
+        # the model's own cos/sin, called as the model calls its rotary module
+        cos, sin = rotary.module(k, positions[None], *([rotary.layer_type] if rotary.layer_type else []))
+        d = dim if rotary.half_width else cos.shape[-1]  # partial rotary: the model rotates the leading channels
+        _, theirs = modeling.apply_rotary_pos_emb(k[..., :d], k[..., :d], cos, sin)
+        theirs = torch.cat([theirs, k[..., d:]], dim=-1)
+        ours = torch.stack([rotary.apply(k[0, h], positions) for h in range(heads)])[None]
+        assert torch.allclose(ours, theirs, atol=1e-5), rotary.layer_type
+        assert torch.allclose(rotary.undo(ours[0, 0], positions), k[0, 0], atol=1e-5)

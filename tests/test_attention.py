@@ -24,7 +24,7 @@ from kvcompile.attention import (
 )
 from kvcompile.cache import PackCache, _cache_argument, forward
 from kvcompile.ragged import RaggedKV
-from kvcompile.rope import Rotary
+from kvcompile.rope import Rotary, rotaries
 from kvcompile.selection import layer_budget, select
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -389,7 +389,7 @@ def test_forward_passes_the_cache_under_the_name_the_model_declares(tiny_lm):
 
 @pytest.fixture(scope="module")
 def rotary(tiny_lm):
-    r = Rotary.of(tiny_lm.model)
+    r = rotaries(tiny_lm.model)[0]
     assert r is not None
     return r
 

@@ -114,13 +114,13 @@ def test_a_build_in_bf16_on_cuda_answers(model_dir, tiny_corpus, tmp_path):
 
 
 def test_keys_are_placed_by_the_rope_kernel_as_on_cpu(cuda_lm, cpu_lm):
-    from kvcompile.rope import Rotary, _kernel
+    from kvcompile.rope import _kernel, rotaries
 
     assert _kernel() is not None
     g = torch.Generator().manual_seed(0)
     head_dim = cpu_lm.config.hidden_size // cpu_lm.config.num_attention_heads
     x = torch.randn(300, head_dim, generator=g)
     positions = torch.randint(0, 4000, (300,), generator=g)
-    on_cpu = Rotary.of(cpu_lm.model).apply(x, positions)
-    on_cuda = Rotary.of(cuda_lm.model).apply(x.cuda(), positions.cuda()).cpu()
+    on_cpu = rotaries(cpu_lm.model)[0].apply(x, positions)
+    on_cuda = rotaries(cuda_lm.model)[0].apply(x.cuda(), positions.cuda()).cpu()
     torch.testing.assert_close(on_cuda, on_cpu, atol=1e-5, rtol=1e-5)
