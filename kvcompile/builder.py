@@ -173,9 +173,8 @@ class _Compiler:
 
     def __init__(self, tk: Tokenized, options: BuildOptions, lm: LoadedModel):
         self.model, self.options, self.lm = lm.model, options, lm
-        cfg = self.model.config
-        self.layers, self.kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cap = lm.capability
+        self.layers, self.kv_heads, self.head_dim = cap.num_layers, cap.num_kv_heads, cap.head_dim
         self.rotaries = rotaries(self.model)  # per layer; the compiler's KV stacks all layers
         self.device, self.dtype = lm.device, lm.dtype
         self.scorer = options.make_scorer()

@@ -27,16 +27,18 @@ from .errors import ModelError
 SUPPORTED = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi", "phi3",
     "olmo", "olmo2", "granite", "stablelm", "starcoder2", "smollm3", "cohere",
-    "gpt_oss", "gemma3_text",
+    "gpt_oss", "gemma3_text", "gpt_neox",
 })
+
+# Types whose attention has one KV head per query head, whatever else the config holds.
+WITHOUT_GQA = frozenset({"gpt_neox"})
 
 # Refused on purpose, with the reason a user is shown.
 REFUSED = {
     "cohere2": "its full-attention layers use no RoPE and its sliding layers do",
     "gemma3": "it is the multimodal Gemma-3; use its text model (gemma3_text)",
-    "gpt_neox": "its rotary embedding is applied outside the place kvcompile reads it from",
-    "gptj": "its rotary embedding is applied outside the place kvcompile reads it from",
-    "falcon": "its rotary embedding is applied outside the place kvcompile reads it from",
+    "gptj": "its rotary module and rotation (GPT-J style) have not been verified with kvcompile",
+    "falcon": "its ALiBi and fused multi-query variants have not been verified with kvcompile",
     "gpt2": "it uses absolute position embeddings, not RoPE",
     "opt": "it uses absolute position embeddings, not RoPE",
     "bloom": "it uses ALiBi position biases, not RoPE",
@@ -56,6 +58,7 @@ class Capability:
     model_type: str
     num_layers: int
     num_kv_heads: int
+    head_dim: int
     rope_type: str
     windows: tuple[int | None, ...]
     softcap: float | None
@@ -110,7 +113,9 @@ def capability(config) -> Capability:
     return Capability(
         model_type=model_type,
         num_layers=layers,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        num_kv_heads=(config.num_attention_heads if model_type in WITHOUT_GQA
+                      else getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         rope_type=rope_type,
         windows=_windows(config, layers),
         softcap=getattr(config, "attn_logit_softcapping", None),

@@ -42,7 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from kvcompile.capability import capability
+from kvcompile.capability import Capability, capability
 from kvcompile.errors import ModelError, OptionError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -110,6 +110,12 @@ class LoadedModel:
     def config(self):
         """The model's transformers config."""
         return self.model.config
+
+    @functools.cached_property
+    def capability(self) -> Capability:
+        """How kvcompile serves this model (layers, KV heads, head_dim, RoPE, windows): the one
+        place any of it is read from the config."""
+        return capability(self.config)
 
 
 # ----------------------------------------------------------------------------- public API

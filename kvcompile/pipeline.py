@@ -79,14 +79,13 @@ def build(
         if progress:
             progress("write", 1, 1)
         t3 = time.perf_counter()
-    cfg = lm.config
     return BuildReport(
         output=os.fspath(Path(output)),
         documents=len(documents),
         skipped=skipped,
         cache_tokens=tk.total,
         kept_tokens=sum(map(sum, header["cache"]["kept"])),
-        full_tokens=tk.total * cfg.num_hidden_layers * cfg.num_key_value_heads,
+        full_tokens=tk.total * lm.capability.num_layers * lm.capability.num_kv_heads,
         bytes=size,
         plan=rebuild,
         seconds={"read": t1 - t0, **compiled.seconds, "compile": t2 - t1, "write": t3 - t2, "total": t3 - t0},

@@ -115,7 +115,7 @@ def rotaries(model: torch.nn.Module) -> list[Rotary | None]:
     a model without a rotary module). Layers with the same RoPE share one object."""
     config = model.config
     layers = config.num_hidden_layers
-    module = getattr(getattr(model, "model", model), "rotary_emb", None)
+    module = getattr(getattr(model, "base_model", model), "rotary_emb", None)
     if module is None:
         return [None] * layers
     model_type = getattr(config, "model_type", None)

@@ -27,16 +27,15 @@ from .rope import rotaries
 
 
 def model_identity(lm: LoadedModel) -> dict:
-    cfg = lm.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cfg, cap = lm.config, lm.capability
     return {
         "name": lm.name,
         "fingerprint": lm.fingerprint,
         "architecture": (cfg.architectures or [type(lm.model).__name__])[0],
-        "num_layers": cfg.num_hidden_layers,
+        "num_layers": cap.num_layers,
         "num_heads": cfg.num_attention_heads,
-        "num_kv_heads": cfg.num_key_value_heads,
-        "head_dim": head_dim,
+        "num_kv_heads": cap.num_kv_heads,
+        "head_dim": cap.head_dim,
         "max_positions": lm.max_positions,
         "rope": any(r is not None for r in rotaries(lm.model)),
     }

@@ -62,6 +62,7 @@ EXACT = [
     ("starcoder2-window", "starcoder2", {"sliding_window": WINDOW}),
     ("smollm3", "smollm3", {}),
     ("smollm3-no-rope-layer", "smollm3", {"num_hidden_layers": 4}),
+    ("gpt_neox-partial-rotary", "gpt_neox", {}),
     ("gemma3_text-local-global-rope", "gemma3_text", {"sliding_window": WINDOW, "num_hidden_layers": 3,
                                                       "sliding_window_pattern": 2}),
     ("cohere-interleaved-rope", "cohere", {}),
@@ -157,7 +158,7 @@ def test_a_refused_model_is_refused_before_its_weights_load(tmp_path):
 
     from kvcompile.cli import app
 
-    model = make_tiny_model(tmp_path / "neox", arch="gpt_neox")
+    model = make_tiny_model(tmp_path / "gptj", arch="gptj")
     corpus = tmp_path / "c"
     corpus.mkdir()
     (corpus / "a.txt").write_text("Some text.")
@@ -165,7 +166,7 @@ def test_a_refused_model_is_refused_before_its_weights_load(tmp_path):
                                       "--device", "cpu", "--quiet"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model type 'gpt_neox' is not supported: its rotary embedding" in lines[0]
+    assert len(lines) == 1 and "model type 'gptj' is not supported: its rotary module and rotation" in lines[0]
 
 
 def test_models_command_lists_and_checks(tmp_path):
@@ -183,8 +184,8 @@ def test_models_command_lists_and_checks(tmp_path):
     checked = runner.invoke(app, ["models", str(model)])
     assert checked.exit_code == 0, checked.output
     assert "model type mistral, supported (RoPE default, sliding window [48] on 2 of 2 layers)" in checked.stdout
-    refused = runner.invoke(app, ["models", str(make_tiny_model(tmp_path / "g", arch="gpt_neox"))])
-    assert refused.exit_code == 2 and "model type 'gpt_neox' is not supported" in refused.stderr
+    refused = runner.invoke(app, ["models", str(make_tiny_model(tmp_path / "g", arch="gptj"))])
+    assert refused.exit_code == 2 and "model type 'gptj' is not supported" in refused.stderr
 
 
 @pytest.mark.parametrize("arch, overrides", [pytest.param(a, o, id=i) for i, a, o in EXACT])

@@ -31,9 +31,8 @@ from .rag import Bm25Retriever, chunk_documents
 
 def kv_bytes_per_token(lm: LoadedModel, itemsize: int = 2) -> int:
     """Bytes of keys and values one token takes in every layer and KV head (fp16 by default)."""
-    cfg = lm.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize
+    cap = lm.capability
+    return 2 * cap.num_layers * cap.num_kv_heads * cap.head_dim * itemsize
 
 
 def mean_kept(pack) -> float:
