@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ModelError
+from .errors import ModelError, OptionError
 
 # Verified exact at ratio 1.0 in tests/test_architectures.py. All keep their rotary module at
 # ``model.model.rotary_emb`` (one RoPE per layer type for Gemma-3; none on SmolLM3's
@@ -27,11 +27,14 @@ from .errors import ModelError
 SUPPORTED = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "phi", "phi3",
     "olmo", "olmo2", "granite", "stablelm", "starcoder2", "smollm3", "cohere",
-    "gpt_oss", "gemma3_text", "gpt_neox",
+    "gpt_oss", "gemma3_text", "gpt_neox", "gpt2", "opt",
 })
 
 # Types whose attention has one KV head per query head, whatever else the config holds.
-WITHOUT_GQA = frozenset({"gpt_neox"})
+WITHOUT_GQA = frozenset({"gpt_neox", "gpt2", "opt"})
+# Types that add learned absolute position embeddings to the input: a token's KV depends on
+# its absolute position, so keys cannot be moved, and only `chained` compilation is exact.
+ABSOLUTE_POSITIONS = frozenset({"gpt2", "opt"})
 
 # Refused on purpose, with the reason a user is shown.
 REFUSED = {
@@ -39,8 +42,6 @@ REFUSED = {
     "gemma3": "it is the multimodal Gemma-3; use its text model (gemma3_text)",
     "gptj": "its rotary module and rotation (GPT-J style) have not been verified with kvcompile",
     "falcon": "its ALiBi and fused multi-query variants have not been verified with kvcompile",
-    "gpt2": "it uses absolute position embeddings, not RoPE",
-    "opt": "it uses absolute position embeddings, not RoPE",
     "bloom": "it uses ALiBi position biases, not RoPE",
     "deepseek_v2": "it uses multi-head latent attention (one latent per token, not per-head keys and values)",
     "deepseek_v3": "it uses multi-head latent attention (one latent per token, not per-head keys and values)",
@@ -62,10 +63,18 @@ class Capability:
     rope_type: str
     windows: tuple[int | None, ...]
     softcap: float | None
+    absolute_positions: bool = False
 
     @property
     def has_windows(self) -> bool:
         return any(w is not None for w in self.windows)
+
+    def check_context(self, context: str) -> None:
+        """Refuse ``independent`` compilation for models with absolute positions, by name."""
+        if context == "independent" and self.absolute_positions:
+            raise OptionError(f"--context independent is not exact for model type '{self.model_type}': it adds "
+                              "absolute position embeddings, so a document's KV depends on where it was compiled. "
+                              "Use --context chained")
 
 
 def _rope_type(config) -> str:
@@ -116,9 +125,10 @@ def capability(config) -> Capability:
         num_kv_heads=(config.num_attention_heads if model_type in WITHOUT_GQA
                       else getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        rope_type=rope_type,
+        rope_type="none" if model_type in ABSOLUTE_POSITIONS else rope_type,
         windows=_windows(config, layers),
         softcap=getattr(config, "attn_logit_softcapping", None),
+        absolute_positions=model_type in ABSOLUTE_POSITIONS,
     )
 
 

@@ -57,6 +57,7 @@ def build(
     done, total)`` is called during prefill (tokens) and writing.
     """
     options.validate()
+    lm.capability.check_context(options.context)
     check_output(output)
     with output_lock(output):
         t0 = time.perf_counter()

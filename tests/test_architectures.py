@@ -18,7 +18,7 @@ from transformers import AutoConfig
 import kvcompile
 from kvcompile.builder import BuildOptions
 from kvcompile.capability import REFUSED, SUPPORTED, capability
-from kvcompile.errors import ModelError
+from kvcompile.errors import ModelError, OptionError
 from kvcompile.models import load_model, make_tiny_model
 from kvcompile.pipeline import build
 from kvcompile.recipe import load_recipe
@@ -63,6 +63,8 @@ EXACT = [
     ("smollm3", "smollm3", {}),
     ("smollm3-no-rope-layer", "smollm3", {"num_hidden_layers": 4}),
     ("gpt_neox-partial-rotary", "gpt_neox", {}),
+    ("gpt2-absolute-positions", "gpt2", {}),
+    ("opt-absolute-positions", "opt", {}),
     ("gemma3_text-local-global-rope", "gemma3_text", {"sliding_window": WINDOW, "num_hidden_layers": 3,
                                                       "sliding_window_pattern": 2}),
     ("cohere-interleaved-rope", "cohere", {}),
@@ -113,7 +115,12 @@ def test_ratio_one_is_exact(arch, overrides, tiny_corpus, one_document, tmp_path
         assert cap.has_windows, "the case must exercise a sliding window"
         assert lm.tokenizer(open(next(tiny_corpus.iterdir())).read())["input_ids"]  # corpus is real text
     chained = _worst_difference(lm, tiny_corpus, tmp_path / "c.kvpack", "chained")
-    independent = _worst_difference(lm, one_document, tmp_path / "i.kvpack", "independent")
+    if cap.absolute_positions:  # keys cannot move: independent segments are refused by name
+        with pytest.raises(OptionError, match=f"not exact for model type '{arch}'"):
+            _worst_difference(lm, one_document, tmp_path / "i.kvpack", "independent")
+        independent = 0.0
+    else:
+        independent = _worst_difference(lm, one_document, tmp_path / "i.kvpack", "independent")
     assert chained <= 1e-4 and independent <= 1e-4, (chained, independent)
 
 
@@ -179,7 +186,7 @@ def test_models_command_lists_and_checks(tmp_path):
     assert listing.exit_code == 0, listing.output
     rows = {r["model_type"]: r["status"] for r in __import__("json").loads(listing.stdout)}
     assert {t for t, s in rows.items() if s == "supported"} == SUPPORTED
-    assert rows["gpt2"] == REFUSED["gpt2"]
+    assert rows["bloom"] == REFUSED["bloom"]
     model = make_tiny_model(tmp_path / "m", arch="mistral", sliding_window=WINDOW)
     checked = runner.invoke(app, ["models", str(model)])
     assert checked.exit_code == 0, checked.output
