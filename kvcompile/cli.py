@@ -76,7 +76,7 @@ def build(
     budget: Optional[int] = typer.Option(None, "--budget", "-b", help="Tokens to keep per KV head (overrides --ratio)."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Tokens prefilled per chunk (recipe default: 2048)."),
     sinks: Optional[int] = typer.Option(None, "--sinks", help="First tokens always kept (recipe default: 4)."),
-    scorer: str = typer.Option("task_aware", "--scorer", help="task_aware, or stride (an even-stride baseline)."),
+    scorer: str = typer.Option("task_aware", "--scorer", help="task_aware; snapkv (RocketKV's SnapKV++ with the task prompt as window); lagkv (attention-free); or stride (an even-stride baseline)."),
     context: str = typer.Option("chained", "--context", help="chained: each document compiled after what was kept of the documents before it (an edit recompiles from there on); independent: after the framing alone (an edit recompiles that document only; lower quality, see docs/nightly.md)."),
     reuse: Optional[Path] = typer.Option(None, "--reuse", help="Reuse unchanged segments of this pack (default: the existing --output)."),
     check: bool = typer.Option(False, "--check", help="Exit 0 if the pack is up to date, 1 (listing what is stale) if not; builds nothing, loads no model weights."),

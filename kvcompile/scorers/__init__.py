@@ -70,4 +70,4 @@ def make_scorer(name: str, **params) -> Scorer:
     return SCORERS[name](**params)
 
 
-from . import stride, task_aware  # noqa: E402,F401  (registration)
+from . import lagkv, snapkv, stride, task_aware  # noqa: E402,F401  (registration)

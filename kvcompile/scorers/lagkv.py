@@ -1,0 +1,69 @@
+"""LagKV (arXiv 2504.04704; methods.md section 2): attention-free scoring.
+
+Each head's candidates, in position order, are cut into partitions of ``lag`` tokens.
+Partition ``p`` is judged against the next one, its lag reference: per channel, keys and
+values are normalised by the reference's min and max, and a token scores by how much its
+normalised channels spread (their standard deviation), softmaxed over its partition;
+keys and values add. A token that stands out from what follows it is kept. The last
+full partition (no reference yet) and the remainder score above everything else: they
+are kept whole, as LagKV's sliding window, until more tokens arrive (the builder scores
+again each chunk, so the cache is compressed recursively as it grows).
+
+It needs no attention weights, so it runs with any attention; the task prompt is not
+used. ``eps`` keeps constant channels finite (the public code divides by zero there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import LayerView, Scorer, register
+
+WINDOW_SCORE = 3.0  # above any partition score (each of s_K and s_V is at most 1)
+
+
+def _spread(x: torch.Tensor, valid: torch.Tensor, lag: int, eps: float) -> torch.Tensor:
+    """``x [H, P, lag, D]`` (partitions) -> softmaxed spread ``[H, P, lag]`` against partition p + 1.
+
+    ``valid [H, P, lag]``: real tokens. Partitions without a full reference get zeros.
+    """
+    inf = torch.finfo(x.dtype).max
+    lo = x.masked_fill(~valid[..., None], inf).amin(dim=2)  # [H, P, D]
+    hi = x.masked_fill(~valid[..., None], -inf).amax(dim=2)
+    ref_lo, ref_hi = lo[:, 1:], hi[:, 1:]  # partition p's reference is p + 1
+    z = (x[:, :-1] - ref_lo[:, :, None]) / (ref_hi - ref_lo + eps)[:, :, None]
+    spread = z.std(dim=-1, unbiased=False).masked_fill(~valid[:, :-1], float("-inf"))
+    s = torch.softmax(spread, dim=-1).nan_to_num(0.0)
+    return torch.cat([s, s.new_zeros(s.shape[0], 1, lag)], dim=1)
+
+
+@register
+class LagKVScorer(Scorer):
+    name = "lagkv"
+
+    def __init__(self, lag: int = 128, eps: float = 1e-6):
+        self.lag, self.eps = int(lag), float(eps)
+
+    def params(self) -> dict:
+        return {"lag": self.lag, "eps": self.eps}
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        c, lag = view.candidates, self.lag
+        index, valid = c.padded_index()  # [H, L]
+        heads, width = index.shape
+        parts = -(-width // lag)
+        if parts < 2:  # no partition has a reference yet: all of it is the window
+            return torch.full((c.rows,), WINDOW_SCORE, device=c.keys.device)
+        pad = parts * lag - width
+        local = torch.arange(parts * lag, device=index.device)
+        lengths = valid.sum(dim=1)  # [H]
+        # Tokens of full partitions whose next partition is full too: scored; the rest is the window.
+        full = lengths // lag  # full partitions per head
+        scored = (local[None, :] // lag + 1 < full[:, None]) & (local[None, :] < lengths[:, None])
+        valid = torch.nn.functional.pad(valid, (0, pad)).reshape(heads, parts, lag)
+        s = 0.0
+        for rows in (c.keys, c.values):
+            x = torch.nn.functional.pad(rows[index].float(), (0, 0, 0, pad)).reshape(heads, parts, lag, -1)
+            s = s + _spread(x, valid, lag, self.eps)
+        s = torch.where(scored, s.reshape(heads, -1), WINDOW_SCORE)
+        return s[c.head_ids(), c.head_local_index()]
