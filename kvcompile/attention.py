@@ -152,7 +152,10 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
     supported inside :func:`pack_attention` (kvcompile's own calls never pad).
     """
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
+    # Some models keep their window on the module and apply it only through the mask they
+    # build, which this function never sees (Qwen2-MoE): read it there when not passed.
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     layer = key
     features = window is not None or softcap is not None or sinks is not None
     if features and (isinstance(key, torch.Tensor) or layer.pad is not None):

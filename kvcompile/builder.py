@@ -108,11 +108,16 @@ class Compiled:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def document_ids(tokenizer, document: Document) -> list[int]:
+    """A document's token ids, as it stands in the corpus (its header line included)."""
+    return tokenizer(document_text(document.path, document.text), add_special_tokens=False)["input_ids"]
+
+
 def tokenize(documents: list[Document], recipe: Recipe, lm: LoadedModel) -> Tokenized:
     """Frame and tokenise the corpus and the task prompt for ``lm``'s tokenizer."""
     tok = lm.tokenizer
     framing = frame(tok)
-    doc_ids = [tok(document_text(d.path, d.text), add_special_tokens=False)["input_ids"] for d in documents]
+    doc_ids = [document_ids(tok, d) for d in documents]
     probe_ids = framing.question_ids(tok, recipe.task_prompt())
     return Tokenized(framing, list(framing.prefix_ids), doc_ids, probe_ids)
 

@@ -116,12 +116,12 @@ def build(
 
         get_codec(options.codec), options.make_scorer()  # fail on bad names before loading a model
         if check or dry_run:
-            from .models import model_fingerprint
+            from .models import identify
             from .pipeline import plan
 
             if check and dry_run:
                 raise OptionError("give --check or --dry-run, not both")
-            rebuild, skipped = plan(corpus, model_fingerprint(model), recipe, options,
+            rebuild, skipped = plan(corpus, identify(model), recipe, options,
                                     reuse if reuse is not None else output, text_field, max_file_mib << 20)
             _skipped(skipped)
             _print_plan(rebuild, verbose=True)
@@ -211,7 +211,8 @@ def _answer(session, question: str, max_new_tokens: int, as_json: bool, load_s: 
                                       "tokens_per_s": round(timings["tokens_per_s"], 2)}}))
         return
     for piece in session.stream(question, max_new_tokens, timings):
-        sys.stdout.write(piece)
+        # The answer is text the pack steered: newlines stay, escapes do not reach the terminal.
+        sys.stdout.write(printable(piece, keep="\n\t"))
         sys.stdout.flush()
     sys.stdout.write("\n")
 
@@ -252,9 +253,13 @@ def inspect(
         if len(manifest) > 20:
             docs.add_row(f"... {len(manifest) - 20} more", "", "")
         out.print(docs)
-        heads = Table("layer", *[f"head {i}" for i in range(len(kept[0]))], "kept", box=None, pad_edge=False)
-        for li, row in enumerate(kept):
-            heads.add_row(str(li), *map(str, row), f"{sum(row) / (full * len(row)):.1%}")
+        shown = min(len(kept[0]), 16)  # wider models: the first 16 heads, and every layer's share
+        more = [f"+{len(kept[0]) - shown} heads"] if shown < len(kept[0]) else []
+        heads = Table("layer", *[f"head {i}" for i in range(shown)], *more, "kept", box=None, pad_edge=False)
+        for li, row in enumerate(kept[:64]):
+            heads.add_row(str(li), *map(str, row[:shown]), *["..."] * len(more), f"{sum(row) / (full * len(row)):.1%}")
+        if len(kept) > 64:
+            heads.add_row(f"... {len(kept) - 64} more layers", *[""] * (shown + len(more) + 1))
         out.print(heads)
         share = sum(map(sum, kept)) / (full * len(kept) * len(kept[0]))
         parts = ", ".join(f"{k} {_mib(sizes[k])}" for k in ("keys", "values", "positions", "manifest", "header") if sizes[k])

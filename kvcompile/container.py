@@ -84,7 +84,7 @@ def open_regular(path: str, what: str, error: type[Exception]) -> tuple[int, os.
     return fd, st
 
 
-def _parse_table(raw: bytes) -> tuple[dict | None, str | None]:
+def _parse_table(raw: bytes, file_size: int) -> tuple[dict | None, str | None]:
     """The safetensors table, validated to be an object with string-map metadata, or
     ``(None, what is wrong)``. It returns rather than raises, so that no traceback keeps
     the decoded text (the size of the table) alive in a caller that keeps the error."""
@@ -92,6 +92,13 @@ def _parse_table(raw: bytes) -> tuple[dict | None, str | None]:
     # the parser's object limit catches any other spelling, at twice the table's size.
     if raw.count(b'"data_offsets"') > schema.MAX_TENSORS:
         return None, f"lists more than {schema.MAX_TENSORS} tensors"
+    # Every list or object of the table and of the header in it costs ~60 bytes of Python
+    # objects, from as little as 2 bytes of JSON ("[]"). A pack spends far more than 64
+    # bytes of KV on each one it needs (one per document and layer at most), so more than
+    # that many brackets, counted in the raw bytes, is a bomb.
+    containers = schema.count_containers(raw)
+    if containers > schema.MAX_CONTAINERS + file_size // 64:
+        return None, f"holds {containers} JSON lists and objects, more than a {file_size}-byte pack needs"
     try:
         table = schema.parse(raw.decode("utf-8"), max_objects=schema.MAX_TENSORS + 2)
         if type(table) is not dict:
@@ -125,7 +132,7 @@ class Container:
                 raise PackError(f"{self.path}: corrupt or truncated pack (header length {n} does not fit a "
                                 f"{self.size}-byte file): rebuild it")
             raw = f.read(n)
-        table, problem = _parse_table(raw)
+        table, problem = _parse_table(raw, self.size)
         del raw
         if problem is not None:
             raise PackError(f"{self.path}: corrupt pack (its table {problem}): rebuild it")

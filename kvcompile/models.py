@@ -180,19 +180,31 @@ def model_config(name: str | None = None) -> tuple[object, str]:
             raise ModelError(f"cannot read the config of {label}: {_short(e)}") from e
 
 
-def model_fingerprint(name: str | None = None) -> str:
-    """The fingerprint ``load_model(name)`` would give, reading only the tokenizer and
-    hashing the weight files (memoised), without loading the weights: ``build --check``."""
+@dataclass
+class ModelIdentity:
+    """What ``build --check`` knows of a model without its weights."""
+
+    fingerprint: str
+    tokenizer: PreTrainedTokenizerBase
+    capability: Capability
+
+
+def identify(name: str | None = None) -> ModelIdentity:
+    """The fingerprint ``load_model(name)`` would give, its tokenizer and its capability,
+    reading only the tokenizer and config and hashing the weight files (memoised), without
+    loading the weights: ``build --check``."""
     name = DEFAULT_MODEL if name is None else name
     source, label = _resolve_model_dir(name, progress=False)
-    if not isinstance(source, Path):
-        return load_model(name, device="cpu", progress=False).fingerprint  # a Hub id: its files come with loading
+    if not isinstance(source, Path):  # a Hub id: its files come with loading
+        lm = load_model(name, device="cpu", progress=False)
+        return ModelIdentity(lm.fingerprint, lm.tokenizer, lm.capability)
     with _quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source)
         except Exception as e:
             raise ModelError(f"cannot load the tokenizer of {label}: {_short(e)}") from e
-    return fingerprint_of(source, tokenizer)
+    return ModelIdentity(fingerprint_of(source, tokenizer), tokenizer, capability(config))
 
 
 def fingerprint_of(model_dir_or_gguf: Path, tokenizer: PreTrainedTokenizerBase, *, progress: bool = False) -> str:

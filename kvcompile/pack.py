@@ -102,6 +102,8 @@ class Pack:
         h, m, cache, c = self.header, self.model, self.layout, self.container
         fail = schema.SchemaError
         layers, heads, head_dim = m["num_layers"], m["num_kv_heads"], m["head_dim"]
+        if layers * heads > schema.MAX_HEADS_TOTAL:
+            raise fail("model", f"{layers} layers x {heads} KV heads is more than {schema.MAX_HEADS_TOTAL} heads")
         if m["num_heads"] % heads:
             raise fail("model.num_heads", f"{m['num_heads']} is not a multiple of num_kv_heads ({heads})")
         framing, corpus = h["framing"], h["corpus"]
@@ -113,9 +115,13 @@ class Pack:
                                                   f"({cache['tokens']}): questions follow the corpus")
         if cache["question_position"] > m["max_positions"]:
             raise fail("cache.question_position", "beyond the model's window")
-        fields = {f for _, f, _, _ in string.Formatter().parse(framing.get("document_header", "{path}")) if f}
-        if not fields <= {"path"}:
-            raise fail("framing.document_header", "may only use the field {path}")
+        try:  # literal text and plain {path} fields only: no attribute, index, spec or conversion
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(
+                framing.get("document_header", "{path}")) if f is not None]
+        except ValueError:
+            fields = None
+        if fields is None or any(field != ("path", "", None) for field in fields):
+            raise fail("framing.document_header", "may only hold text and the field {path}")
         kept = cache["kept"]
         if len(kept) != layers or any(len(k) != heads for k in kept):
             raise fail("cache.kept", f"expected {layers} layers x {heads} KV heads")
@@ -148,6 +154,7 @@ class Pack:
                                                        f"{expected[role][0]} {list(expected[role][1])}")
                     known[name] = part
                     payload[part] += c.nbytes(name)
+        self._part_of = known  # tensor name -> "keys", "values", "positions" or "manifest"
         for name in c.entries:
             if name not in known:
                 raise PackError(f"{self.path}: pack holds tensor {name!r}, which this kvcompile does not know: "
@@ -175,7 +182,7 @@ class Pack:
             docs += seg["documents"]
         if end != h["corpus"]["tokens"]:
             raise fail("segments", f"cover {end} corpus tokens, expected {h['corpus']['tokens']}")
-        if docs != list(range(h["corpus"]["documents"])):
+        if len(docs) != h["corpus"]["documents"] or docs != list(range(len(docs))):
             raise fail("segments", f"do not list documents 0..{h['corpus']['documents'] - 1} once each, in order")
 
     def _read_manifest(self) -> list[dict]:
@@ -185,6 +192,8 @@ class Pack:
         if hashlib.sha256(data).hexdigest() != c["manifest_sha256"]:
             raise PackError(f"{self.path}: corrupt pack (manifest checksum mismatch): rebuild it")
         try:
+            if schema.count_containers(data) > schema.MAX_CONTAINERS + self.container.size // 64:
+                raise schema.SchemaError("manifest", "holds more JSON lists and objects than a pack of this size needs")
             manifest = schema.check(schema.MANIFEST, schema.parse(data), "manifest")
             if len(manifest) != c["documents"]:
                 raise schema.SchemaError("manifest", f"lists {len(manifest)} documents, the header "
@@ -236,13 +245,21 @@ class Pack:
         return out
 
     def check_model(self, lm: LoadedModel) -> None:
-        """Refuse a model other than the pack's, naming both."""
+        """Refuse a model other than the pack's, naming both; and a pack whose shape is not its
+        model's (a fingerprint is only a string: an edited pack can copy it)."""
         if lm.fingerprint != self.model["fingerprint"]:
             raise ModelMismatchError(
                 f"{self.path} was built with model {self.model['name']!r} (fingerprint "
                 f"{self.model['fingerprint'][:12]}), not {lm.name!r} ({lm.fingerprint[:12]}): "
                 f"query it with --model {self.model['name']} or rebuild the pack with this model"
             )
+        cap = lm.capability
+        actual = {"num_layers": cap.num_layers, "num_kv_heads": cap.num_kv_heads, "head_dim": cap.head_dim,
+                  "rope": any(r is not None for r in rotaries(lm.model))}
+        for key, value in actual.items():
+            if self.model[key] != value:
+                raise ModelMismatchError(f"{self.path}: corrupt pack (model.{key} is {self.model[key]}, but "
+                                         f"{lm.name!r} has {value}): rebuild it")
 
     def place(self, lm: LoadedModel) -> list[RaggedKV]:
         """The pack's KV made attendable on ``lm``'s device and dtype, one layer at a time:
@@ -282,8 +299,7 @@ class Pack:
         full = 2 * m["num_layers"] * m["num_kv_heads"] * self.layout["tokens"] * m["head_dim"] * 2
         by_part = {"keys": 0, "values": 0, "positions": 0, "manifest": 0, "other": 0}
         for name in c.entries:
-            part = name.split(".")[2] if name.startswith("layers.") else name
-            by_part[part if part in by_part else "other"] += c.nbytes(name)
+            by_part[self._part_of.get(name, "other")] += c.nbytes(name)
         return {"file": c.size, "header": c.data_start, **by_part, "full_fp16": full,
                 "positions_raw_int32": 4 * sum(map(sum, self.kept)),
                 "ratio_vs_full_fp16": c.size / full if full else 0.0}

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .builder import BuildOptions, check_fits, compile_corpus, segment_keys, tokenize
+from .builder import BuildOptions, check_fits, compile_corpus, document_ids, segment_keys, tokenize
 from .corpus import MAX_FILE_BYTES, Skipped, read_corpus
-from .models import LoadedModel
+from .models import LoadedModel, ModelIdentity
 from .rebuild import RebuildPlan, output_lock, plan_rebuild
 from .recipe import Recipe
-from .writer import check_output, model_identity, pack_tensors_and_header, write_pack
+from .writer import check_output, pack_tensors_and_header, write_pack
 
 
 @dataclass
@@ -29,14 +29,23 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def plan(paths: Sequence[str | os.PathLike], fingerprint: str, recipe: Recipe, options: BuildOptions,
-         previous: str | os.PathLike | None, text_field: str = "text",
+def plan(paths: Sequence[str | os.PathLike], model: ModelIdentity | LoadedModel, recipe: Recipe,
+         options: BuildOptions, previous: str | os.PathLike | None, text_field: str = "text",
          max_file_bytes: int = MAX_FILE_BYTES) -> tuple[RebuildPlan, list[Skipped]]:
-    """Read the corpus and match it against ``previous`` (no model needed: ``--check``, ``--dry-run``)."""
+    """Read the corpus and match it against ``previous``: what a build would reuse.
+
+    ``model`` needs no weights (``--check``, ``--dry-run``): its fingerprint keys the
+    segments, and its tokenizer and shape check that every reused segment is what the
+    previous pack claims it is (:meth:`RebuildPlan.check_tokens`).
+    """
     options.validate()
     documents, skipped = read_corpus(paths, text_field=text_field, max_file_bytes=max_file_bytes)
-    return plan_rebuild(documents, segment_keys(documents, fingerprint, recipe, options), previous,
-                        fingerprint), skipped
+    rebuild = plan_rebuild(documents, segment_keys(documents, model.fingerprint, recipe, options), previous,
+                           model.fingerprint)
+    cap = model.capability
+    rebuild.check_tokens({d: len(document_ids(model.tokenizer, documents[d])) for d in rebuild.reuse},
+                         {"num_layers": cap.num_layers, "num_kv_heads": cap.num_kv_heads, "head_dim": cap.head_dim})
+    return rebuild, skipped
 
 
 def build(
@@ -61,14 +70,11 @@ def build(
     check_output(output)
     with output_lock(output):
         t0 = time.perf_counter()
-        rebuild, skipped = plan(paths, lm.fingerprint, recipe, options, reuse if reuse is not None else output,
+        rebuild, skipped = plan(paths, lm, recipe, options, reuse if reuse is not None else output,
                                 text_field, max_file_bytes)
         documents = rebuild.documents
         tk = tokenize(documents, recipe, lm)
         check_fits(tk, options, lm)
-        identity = model_identity(lm)
-        rebuild.check_tokens([len(ids) for ids in tk.doc_ids],
-                             {k: identity[k] for k in ("num_layers", "num_kv_heads", "head_dim")})
         reused = rebuild.pack.segments(sorted(set(rebuild.reuse.values()))) if rebuild.reuse else {}
         t1 = time.perf_counter()
         report = (lambda n: progress("prefill", n, tk.total)) if progress else None

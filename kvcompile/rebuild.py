@@ -44,10 +44,11 @@ class RebuildPlan:
         self.reuse, self.pack, self.previous_paths, self.warning = {}, None, [], True
         self.note = f"previous pack {path} cannot be trusted ({reason})"
 
-    def check_tokens(self, doc_tokens: list[int], shape: dict) -> None:
+    def check_tokens(self, doc_tokens: dict[int, int], shape: dict) -> None:
         """Before a reused segment is copied: its token span must equal the document's new
-        length, and the previous pack's model shape (``num_layers``, ``num_kv_heads``,
-        ``head_dim``) must be the model's. Otherwise nothing is reused."""
+        length (``doc_tokens``: by document index, at least those reused), and the previous
+        pack's model shape (``num_layers``, ``num_kv_heads``, ``head_dim``) the model's.
+        Otherwise nothing is reused."""
         if not self.reuse:  # nothing taken from it (another model, say): nothing to doubt
             return
         old = self.pack.model

@@ -31,6 +31,8 @@ MAX_LAYERS = 4096
 MAX_HEADS = 4096
 MAX_HEAD_DIM = 4096
 MAX_DOCUMENTS = 1 << 24
+MAX_HEADS_TOTAL = 1 << 16  # layers x KV heads: 126 x 128 covers the widest models
+MAX_CONTAINERS = 100_000  # JSON lists and objects any pack may hold, beyond one per 64 bytes of it
 
 
 class SchemaError(ValueError):
@@ -209,6 +211,14 @@ def check_depth(value: Any, where: str, limit: int = MAX_DEPTH) -> None:
 
 def check(spec: Spec, value: Any, where: str = "") -> Any:
     return spec.check(value, where)
+
+
+def count_containers(raw: bytes | memoryview) -> int:
+    """Brackets that open a JSON list or object, counted in the raw bytes (strings included:
+    an over-count). Python builds ~60 bytes of objects for each, from as little as two bytes
+    of JSON, so readers bound this count before they parse."""
+    data = bytes(raw) if not isinstance(raw, bytes) else raw
+    return data.count(b"[") + data.count(b"{")
 
 
 def _no_constant(name: str):

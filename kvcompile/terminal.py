@@ -16,6 +16,11 @@ import re
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
-def printable(text: object) -> str:
-    """``str(text)`` on one line with every control character escaped."""
-    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), str(text))
+def printable(text: object, keep: str = "") -> str:
+    """``str(text)`` with every control character escaped (on one line), except those in
+    ``keep`` (``"\n\t"`` for a model's answer, which may span lines)."""
+    def escape(m: re.Match) -> str:
+        c = m.group()
+        return c if c in keep else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+
+    return _UNSAFE.sub(escape, str(text))

@@ -125,10 +125,15 @@ def rewrite_pack():
             edit(header, tensors)
         if checksums:  # what anyone can repair after an edit: tensor hashes and sizes
             header["checksums"] = {n: hashlib.sha256(tensor_bytes(t)).hexdigest() for n, t in sorted(tensors.items())}
-            header["payload_bytes"] = {
-                part: sum(t.numel() * t.element_size() for n, t in tensors.items()
-                          if n == part or n.startswith("layers.") and n.split(".")[2] == part)
-                for part in ("keys", "values", "positions", "manifest")}
+            try:  # by the roles the header gives its tensors (an edit may have broken them: then as is)
+                roles = {n: part for entry in header["cache"]["layers"] for part in ("keys", "values")
+                         for n in entry[part]["tensors"].values()}
+                roles.update({header["cache"]["positions"]: "positions", header["corpus"]["manifest"]: "manifest"})
+                header["payload_bytes"] = {
+                    part: sum(t.numel() * t.element_size() for n, t in tensors.items() if roles.get(n) == part)
+                    for part in ("keys", "values", "positions", "manifest")}
+            except (KeyError, TypeError, AttributeError):
+                pass
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         metadata = {"kvpack": text, "kvpack_sha256": hashlib.sha256(text.encode()).hexdigest()}
         with open(dst, "wb") as f:

@@ -44,8 +44,9 @@ import torch
 import zstandard
 
 HOSTILE = [
-    None, True, False, 0, -1, 1, 3, 2**31, 2**63, 2**64, -(2**63), 1.5, 1e308, "", "30", "fp16", "x" * 100_000,
-    "\ud800", "\x1b[2J\nred", "{path.__class__}", [], {}, [[]], [0] * 10_000, ["a"], {"name": "x"},
+    None, True, False, 0, -1, 1, 3, 2**24, 2**31, 2**63, 2**64, -(2**63), 1.5, 1e308, "", "30", "fp16",
+    "x" * 100_000, "\ud800", "\x1b[2J\nred", "{path.__class__}", "{", "}", "layers.k0", [], {}, [[]], [0] * 10_000,
+    ["a"], {"name": "x"}, "@@RAW:[" + "[]," * 1_000_000 + "[]]@@",
     "@@RAW:Infinity@@", "@@RAW:NaN@@", "@@RAW:-Infinity@@", "@@RAW:" + "9" * 5000 + "@@",
     "@@RAW:" + "[" * 50_000 + "]" * 50_000 + "@@", "@@RAW:" + "{\"a\":" * 2000 + "0" + "}" * 2000 + "@@",
 ]
@@ -376,7 +377,8 @@ class Harness:
         plan = plan_rebuild(self.documents, self.keys, path, self.fingerprint)
         if not check_reuse:
             return outcome
-        plan.check_tokens([hi - lo for lo, hi in (s["tokens"] for s in self.original.header["segments"])],
+        truth = [hi - lo for lo, hi in (s["tokens"] for s in self.original.header["segments"])]
+        plan.check_tokens(dict(enumerate(truth)),
                           {k: self.original.model[k] for k in ("num_layers", "num_kv_heads", "head_dim")})
         if plan.reuse:
             got = plan.pack.segments(sorted(set(plan.reuse.values())))

@@ -49,6 +49,8 @@ EXACT = [
     ("mixtral", "mixtral", MOE["mixtral"]),
     ("qwen2-window", "qwen2", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
     ("qwen2_moe", "qwen2_moe", MOE["qwen2_moe"]),
+    ("qwen2_moe-window", "qwen2_moe", {**MOE["qwen2_moe"], "use_sliding_window": True, "sliding_window": WINDOW,
+                                       "max_window_layers": 1}),
     ("qwen3", "qwen3", {}),
     ("qwen3_moe", "qwen3_moe", MOE["qwen3_moe"]),
     ("gemma", "gemma", {}),
