@@ -92,14 +92,8 @@ def _parse_table(raw: bytes, file_size: int) -> tuple[dict | None, str | None]:
     # the parser's object limit catches any other spelling, at twice the table's size.
     if raw.count(b'"data_offsets"') > schema.MAX_TENSORS:
         return None, f"lists more than {schema.MAX_TENSORS} tensors"
-    # Every list or object of the table and of the header in it costs ~60 bytes of Python
-    # objects, from as little as 2 bytes of JSON ("[]"). A pack spends far more than 64
-    # bytes of KV on each one it needs (one per document and layer at most), so more than
-    # that many brackets, counted in the raw bytes, is a bomb.
-    containers = schema.count_containers(raw)
-    if containers > schema.MAX_CONTAINERS + file_size // 64:
-        return None, f"holds {containers} JSON lists and objects, more than a {file_size}-byte pack needs"
     try:
+        schema.check_items(raw, file_size, "")  # the table and the header inside it
         table = schema.parse(raw.decode("utf-8"), max_objects=schema.MAX_TENSORS + 2)
         if type(table) is not dict:
             raise schema.SchemaError("", "expected an object")

@@ -192,8 +192,7 @@ class Pack:
         if hashlib.sha256(data).hexdigest() != c["manifest_sha256"]:
             raise PackError(f"{self.path}: corrupt pack (manifest checksum mismatch): rebuild it")
         try:
-            if schema.count_containers(data) > schema.MAX_CONTAINERS + self.container.size // 64:
-                raise schema.SchemaError("manifest", "holds more JSON lists and objects than a pack of this size needs")
+            schema.check_items(bytes(data), self.container.size, "manifest")
             manifest = schema.check(schema.MANIFEST, schema.parse(data), "manifest")
             if len(manifest) != c["documents"]:
                 raise schema.SchemaError("manifest", f"lists {len(manifest)} documents, the header "

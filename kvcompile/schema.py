@@ -32,7 +32,7 @@ MAX_HEADS = 4096
 MAX_HEAD_DIM = 4096
 MAX_DOCUMENTS = 1 << 24
 MAX_HEADS_TOTAL = 1 << 16  # layers x KV heads: 126 x 128 covers the widest models
-MAX_CONTAINERS = 100_000  # JSON lists and objects any pack may hold, beyond one per 64 bytes of it
+MAX_ITEMS = 1_000_000  # JSON values any pack may hold, beyond one per 32 bytes of it
 
 
 class SchemaError(ValueError):
@@ -154,6 +154,27 @@ class List(Spec):
 
 
 @dataclass(frozen=True)
+class Grid(Spec):
+    """A list of lists whose total size is checked before any item is: ``[rows][cols]``."""
+
+    item: Spec
+    max_rows: int
+    max_cells: int
+
+    def check(self, value, where):
+        if type(value) is not list or not all(type(row) is list for row in value):
+            self.fail(value, where, "a list of lists")
+        cells = sum(map(len, value))
+        if len(value) > self.max_rows or cells > self.max_cells:
+            raise SchemaError(where, f"{len(value)} rows of {cells} items in all, at most {self.max_rows} rows "
+                                     f"and {self.max_cells} items allowed")
+        for i, row in enumerate(value):
+            for j, item in enumerate(row):
+                self.item.check(item, f"{where}[{i}][{j}]")
+        return value
+
+
+@dataclass(frozen=True)
 class Map(Spec):
     """A JSON object with free keys (strings checked by ``key``) and values of one kind."""
 
@@ -213,12 +234,18 @@ def check(spec: Spec, value: Any, where: str = "") -> Any:
     return spec.check(value, where)
 
 
-def count_containers(raw: bytes | memoryview) -> int:
-    """Brackets that open a JSON list or object, counted in the raw bytes (strings included:
-    an over-count). Python builds ~60 bytes of objects for each, from as little as two bytes
-    of JSON, so readers bound this count before they parse."""
-    data = bytes(raw) if not isinstance(raw, bytes) else raw
-    return data.count(b"[") + data.count(b"{")
+def check_items(raw: bytes, file_size: int, where: str) -> None:
+    """Refuse JSON with more values than a pack of ``file_size`` bytes can need, before parsing.
+
+    Python builds 30-60 bytes of objects per JSON value, from as little as two bytes of
+    JSON (``[]``, ``0,``), so the parsed form of a bomb could be 30 times its text. Values
+    are counted as the brackets and commas in the raw bytes (an over-count: strings hold
+    some). A pack spends far more than 32 bytes of KV on each value its header needs (a
+    kept count per layer and head, a few per document), so the bound costs nothing real.
+    """
+    items = raw.count(b"[") + raw.count(b"{") + raw.count(b",")
+    if items > MAX_ITEMS + file_size // 32:
+        raise SchemaError(where, f"holds about {items} JSON values, more than a {file_size}-byte pack needs")
 
 
 def _no_constant(name: str):
@@ -325,7 +352,7 @@ HEADER = Obj({
     "cache": Obj({
         "tokens": Int(1),
         "question_position": Int(1),
-        "kept": List(List(COUNT, max_len=MAX_HEADS), max_len=MAX_LAYERS),
+        "kept": Grid(COUNT, max_rows=MAX_LAYERS, max_cells=MAX_HEADS_TOTAL),
         "positions": TENSOR_NAME,
         "layers": List(Obj({"keys": PART, "values": PART}), max_len=MAX_LAYERS),
     }),

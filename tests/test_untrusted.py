@@ -124,7 +124,7 @@ def test_a_table_of_a_million_entries_is_refused_in_under_a_second(tmp_path):
         path.write_bytes(struct.pack("<Q", len(raw)) + raw)
         t0 = time.perf_counter()
         # plain: a byte count of the tensor entries; escaped: the count of lists and objects
-        with pytest.raises(PackError, match=r"more than 65536 tensors|JSON lists and objects, more than"):
+        with pytest.raises(PackError, match=r"more than 65536 tensors|JSON values, more than"):
             Container(path)
         assert time.perf_counter() - t0 < 1.0
 
@@ -419,7 +419,7 @@ def test_json_bombs_are_refused_before_they_cost_memory(tiny_pack, tmp_path, bom
     header = json.loads(Container(tiny_pack).metadata["kvpack"])
     if bomb == "lists":
         header["x_from_1_1"] = [[]] * 2_000_000  # 6 MB of JSON, ~130 MB of Python lists
-        needle = "JSON lists and objects"
+        needle = "JSON values"
     else:
         header["corpus"]["documents"] = 2**24  # checked by a count, not by building range(2^24)
         needle = "segments: do not list documents"
@@ -453,3 +453,17 @@ def test_check_tokenizes_what_it_would_reuse(tiny_pack, tiny_corpus, tiny_model_
 
 def test_answers_reach_the_terminal_escaped():
     assert printable("line one\n\tline two\x1b[2J", keep="\n\t") == "line one\n\tline two\\x1b[2J"
+
+
+def test_a_kept_table_of_every_layer_and_head_is_refused_before_its_items(tiny_pack, tmp_path):
+    header = json.loads(Container(tiny_pack).metadata["kvpack"])
+    header["cache"]["kept"] = [[0] * 4096 for _ in range(4096)]  # 16M counts, 32 MB of JSON
+    path = _raw_header(tiny_pack, tmp_path / "w.kvpack", json.dumps(header))
+    t0 = time.perf_counter()
+    with pytest.raises(PackError, match="JSON values"):
+        kvcompile.load(path)
+    assert time.perf_counter() - t0 < 2
+    header["cache"]["kept"] = [[0] * 300 for _ in range(300)]  # under the value budget: the grid cap
+    path = _raw_header(tiny_pack, tmp_path / "w2.kvpack", json.dumps(header))
+    with pytest.raises(PackError, match="cache.kept: 300 rows of 90000 items in all"):
+        kvcompile.load(path)
