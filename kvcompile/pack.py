@@ -266,7 +266,15 @@ class Pack:
         Questions start at ``question_position``. Refuses another model than the pack's."""
         self.check_model(lm)
         per_layer = rotaries(lm.model) if self.model["rope"] else [None] * len(self.kept)
-        return [place(self.layer(li), [per_layer[li]], lm.device, lm.dtype) for li in range(len(self.kept))]
+        return [place(self.visible(li, lm.capability.windows[li]), [per_layer[li]], lm.device, lm.dtype)
+                for li in range(len(self.kept))]
+
+    def visible(self, li: int, window: int | None) -> RaggedKV:
+        """Layer ``li`` without the rows no question or answer token can see: with a sliding
+        ``window``, a token at position p >= question_position sees only keys above p - window.
+        The file keeps them (a rebuild may need them as context); the device does not."""
+        layer = self.layer(li)
+        return layer if window is None else layer.where(layer.positions > self.question_position - window)
 
     @property
     def question_position(self) -> int:

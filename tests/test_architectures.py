@@ -229,3 +229,17 @@ def test_keys_are_placed_with_the_models_own_rope(arch, overrides, tmp_path):
         ours = torch.stack([rotary.apply(k[0, h], positions) for h in range(heads)])[None]
         assert torch.allclose(ours, theirs, atol=1e-5), rotary.layer_type
         assert torch.allclose(rotary.undo(ours[0, 0], positions), k[0, 0], atol=1e-5)
+
+
+def test_window_layers_load_only_the_rows_a_question_can_see(tiny_corpus, tmp_path):
+    lm = load_model(str(make_tiny_model(tmp_path / "m", arch="qwen2", use_sliding_window=True, sliding_window=WINDOW,
+                                        max_window_layers=1)), device="cpu", progress=False)
+    path = tmp_path / "w.kvpack"
+    build([tiny_corpus], path, lm, load_recipe("qa"), BuildOptions(ratio=1.0, chunk_size=64, codec="fp32"))
+    pack = kvcompile.load(path)
+    placed = pack.place(lm)
+    stored = [pack.layer(li).rows for li in range(2)]
+    assert placed[0].rows == stored[0]  # layer 0: full attention
+    heads = len(pack.kept[1])
+    assert placed[1].rows == heads * (WINDOW - 1)  # layer 1: the last window - 1 positions of each head
+    assert int(placed[1].positions.min()) == pack.question_position - WINDOW + 1
