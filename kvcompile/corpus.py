@@ -330,6 +330,9 @@ def _read_records(
             return [], [Skipped(name, f"cannot be read ({e.strerror or e})")]
         if size == 0:
             return [], [Skipped(name, "empty")]
+        if ext == ".parquet" and (unpacked := _parquet_bytes(plain)) is not None and unpacked > max_bytes:
+            # Parquet is compressed: the cap on its file size does not bound what it loads.
+            return [], [Skipped(name, f"{_too_large(max_bytes)} once decompressed ({unpacked} bytes)")]
         try:
             dataset = _load_dataset(plain, _BUILDERS[ext], Path(tmp) / "cache")
         except Exception as e:  # datasets and pyarrow raise many kinds; any of them means "unparsable"
@@ -361,6 +364,18 @@ def _read_records(
         documents += docs
         skipped += skips
     return documents, skipped
+
+
+def _parquet_bytes(f: Path) -> int | None:
+    """The uncompressed size a parquet file declares for its data (None if it cannot be read:
+    the loader then reports the file as unparsable)."""
+    try:
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(f).metadata
+        return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    except Exception:  # pyarrow raises many kinds; the loader gives the one-line reason
+        return None
 
 
 def _load_dataset(f: Path, builder: str, cache: Path):

@@ -490,3 +490,16 @@ def test_example_corpus_loads_and_every_answer_is_in_it():
         assert r["answers"], r["id"]
         for answer in r["answers"]:
             assert " ".join(answer.split()).lower() in corpus, (r["id"], answer)
+
+
+def test_a_parquet_file_that_decompresses_past_the_cap_is_skipped(tmp_path):
+    import pandas as pd
+
+    # 400 KB of text that compresses to a few KB: under a 64 KiB cap on disk, far over it loaded.
+    pd.DataFrame({"text": ["word " * 20_000] * 4}).to_parquet(tmp_path / "big.parquet", compression="zstd")
+    (tmp_path / "small.txt").write_text("A real document.")
+    assert (tmp_path / "big.parquet").stat().st_size < 64 << 10
+    docs, skipped = read_corpus([tmp_path], max_file_bytes=64 << 10)
+    assert [d.path for d in docs] == ["small.txt"]
+    assert len(skipped) == 1 and skipped[0].path == "big.parquet"
+    assert skipped[0].reason.startswith("larger than the 64 KiB cap per file once decompressed")
