@@ -466,7 +466,8 @@ def ragged_attention(
     q_s, k_s, v_s = query.stride(), keys.stride(), values.stride()
     # Unused feature pointers get any tensor: their loads are compiled out (constexpr flags).
     positions = prefix_positions if window is not None else offsets
-    sinks = sinks.float().contiguous() if sinks is not None else out
+    has_sinks = sinks is not None
+    sinks = sinks.float().contiguous() if has_sinks else out
     qk_scale = float(scaling) if softcap is not None else float(scaling) * LOG2E
     _ragged_attention_kernel[(m_tiles, batch * kv_heads, num_splits)](
         query, prefix_keys, prefix_values, offsets, keys, values, out, part, positions, sinks,
@@ -475,13 +476,13 @@ def ragged_attention(
         kv_heads, q_len, t, num_splits, qk_scale, int(start), int(window or 0), float(softcap or 1.0),
         GROUP=group, HEAD_DIM=head_dim, SPLIT=num_splits > 1,
         FP32=query.dtype == torch.float32 or upcast, UPCAST=upcast, WHILE_LOOP=_INTERPRETED,
-        WINDOW=window is not None, SOFTCAP=softcap is not None, SINKS=sinks is not out, **cfg,
+        WINDOW=window is not None, SOFTCAP=softcap is not None, SINKS=has_sinks, **cfg,
     )
     if num_splits > 1:
         _combine_kernel[(_cdiv(m_total, COMBINE_BLOCK_M), batch * kv_heads)](
             out, part, sinks, kv_heads, q_len, num_splits,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_M=COMBINE_BLOCK_M, WHILE_LOOP=_INTERPRETED,
-            SINKS=sinks is not out, num_warps=4,
+            SINKS=has_sinks, num_warps=4,
         )
     return out
 

@@ -30,6 +30,14 @@ SUPPORTED = frozenset({
     "gpt_oss", "gemma3_text", "gpt_neox", "gpt2", "opt",
 })
 
+# RoPE conventions other than Llama's rotate_half (kvcompile/rope.py implements each).
+ROPE_LAYOUTS = {
+    "cohere": "pairs",  # adjacent channels paired; cos/sin repeated per pair
+    "gpt_oss": "half-width",  # cos/sin written once for both halves
+}
+# Types whose attention adds per-head sink logits (``s_aux``) to the softmax.
+SINKS = frozenset({"gpt_oss"})
+
 # Types whose attention has one KV head per query head, whatever else the config holds.
 WITHOUT_GQA = frozenset({"gpt_neox", "gpt2", "opt"})
 # Types that add learned absolute position embeddings to the input: a token's KV depends on
@@ -64,6 +72,13 @@ class Capability:
     windows: tuple[int | None, ...]
     softcap: float | None
     absolute_positions: bool = False
+    rope_layout: str = "halves"  # "halves" (Llama), "pairs" (Cohere) or "half-width" (gpt-oss)
+    sinks: bool = False
+
+    @property
+    def needs_eager(self) -> bool:
+        """The model's own SDPA path cannot honour its softcap or sinks (the full-prompt path)."""
+        return self.softcap is not None or self.sinks
 
     @property
     def has_windows(self) -> bool:
@@ -129,6 +144,8 @@ def capability(config) -> Capability:
         windows=_windows(config, layers),
         softcap=getattr(config, "attn_logit_softcapping", None),
         absolute_positions=model_type in ABSOLUTE_POSITIONS,
+        rope_layout=ROPE_LAYOUTS.get(model_type, "halves"),
+        sinks=model_type in SINKS,
     )
 
 

@@ -365,13 +365,11 @@ def _from_pretrained(source: Path | str, label: str, dtype: torch.dtype, device:
             config = AutoConfig.from_pretrained(source, **kwargs)
         except Exception as e:  # transformers raises many types; the user needs one line
             raise ModelError(f"cannot load model {label}: {_short(e)}") from e
-        capability(config)  # refuse, by name, what kvcompile cannot serve exactly, before loading weights
+        cap = capability(config)  # refuse, by name, what kvcompile cannot serve exactly, before loading weights
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            # Eager where the model's SDPA cannot honour a softcap or sinks; kvcompile's own attention
-            # is used with a pack either way (kvcompile.attention.pack_attention).
-            eager = getattr(config, "attn_logit_softcapping", None) or config.model_type in ("gpt_oss",)  # sinks
-            attn = "eager" if eager else "sdpa"
+            # kvcompile's own attention is used with a pack either way (kvcompile.attention.pack_attention).
+            attn = "eager" if cap.needs_eager else "sdpa"
             model = AutoModelForCausalLM.from_pretrained(
                 source, config=config, dtype=dtype, attn_implementation=attn, device_map=str(device), **kwargs
             )

@@ -192,7 +192,7 @@ class Pack:
         if hashlib.sha256(data).hexdigest() != c["manifest_sha256"]:
             raise PackError(f"{self.path}: corrupt pack (manifest checksum mismatch): rebuild it")
         try:
-            schema.check_items(bytes(data), self.container.size, "manifest")
+            schema.check_items(data, self.container.size, "manifest")
             manifest = schema.check(schema.MANIFEST, schema.parse(data), "manifest")
             if len(manifest) != c["documents"]:
                 raise schema.SchemaError("manifest", f"lists {len(manifest)} documents, the header "

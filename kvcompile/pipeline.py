@@ -38,14 +38,25 @@ def plan(paths: Sequence[str | os.PathLike], model: ModelIdentity | LoadedModel,
     segments, and its tokenizer and shape check that every reused segment is what the
     previous pack claims it is (:meth:`RebuildPlan.check_tokens`).
     """
+    rebuild, skipped = _match(paths, model, recipe, options, previous, text_field, max_file_bytes)
+    _verify(rebuild, model, lambda d: len(document_ids(model.tokenizer, rebuild.documents[d])))
+    return rebuild, skipped
+
+
+def _match(paths, model, recipe, options, previous, text_field, max_file_bytes) -> tuple[RebuildPlan, list[Skipped]]:
+    """The corpus, and the previous pack's segments whose keys match (not yet verified)."""
     options.validate()
     documents, skipped = read_corpus(paths, text_field=text_field, max_file_bytes=max_file_bytes)
-    rebuild = plan_rebuild(documents, segment_keys(documents, model.fingerprint, recipe, options), previous,
-                           model.fingerprint)
+    keys = segment_keys(documents, model.fingerprint, recipe, options)
+    return plan_rebuild(documents, keys, previous, model.fingerprint), skipped
+
+
+def _verify(rebuild: RebuildPlan, model: ModelIdentity | LoadedModel, tokens: Callable[[int], int]) -> None:
+    """Keep the matched segments only if spans and shape are the model's (``tokens(d)``:
+    document ``d``'s token count, asked for the reused documents only)."""
     cap = model.capability
-    rebuild.check_tokens({d: len(document_ids(model.tokenizer, documents[d])) for d in rebuild.reuse},
+    rebuild.check_tokens({d: tokens(d) for d in rebuild.reuse},
                          {"num_layers": cap.num_layers, "num_kv_heads": cap.num_kv_heads, "head_dim": cap.head_dim})
-    return rebuild, skipped
 
 
 def build(
@@ -70,11 +81,12 @@ def build(
     check_output(output)
     with output_lock(output):
         t0 = time.perf_counter()
-        rebuild, skipped = plan(paths, lm, recipe, options, reuse if reuse is not None else output,
-                                text_field, max_file_bytes)
+        rebuild, skipped = _match(paths, lm, recipe, options, reuse if reuse is not None else output,
+                                  text_field, max_file_bytes)
         documents = rebuild.documents
         tk = tokenize(documents, recipe, lm)
         check_fits(tk, options, lm)
+        _verify(rebuild, lm, lambda d: len(tk.doc_ids[d]))  # the build's own tokens: no second pass
         reused = rebuild.pack.segments(sorted(set(rebuild.reuse.values()))) if rebuild.reuse else {}
         t1 = time.perf_counter()
         report = (lambda n: progress("prefill", n, tk.total)) if progress else None

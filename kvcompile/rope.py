@@ -3,7 +3,7 @@
 Packs store keys *before* RoPE together with each kept token's position (principle 5 of
 the architecture), so keys can be placed at any position at load time. These helpers
 follow the ``rotate_half`` convention of Llama, Qwen, Mistral and Gemma, or the
-interleaved one of Cohere (:data:`INTERLEAVED`); ``cos``/``sin``
+interleaved one of Cohere (``Capability.rope_layout``); ``cos``/``sin``
 come from the model's own rotary module so scaling variants (linear, YaRN, llama3) are
 honoured.
 """
@@ -16,13 +16,8 @@ from functools import cache
 
 import torch
 
+from .capability import capability
 from .ragged import RaggedKV
-
-# Model types whose RoPE pairs adjacent channels (their cos/sin are repeated per pair).
-INTERLEAVED = frozenset({"cohere"})
-# Model types whose rotary module returns cos/sin for half the channels, applied to both
-# halves (gpt-oss): Llama's rotation with the angles written once.
-HALF_WIDTH = frozenset({"gpt_oss"})
 
 
 @cache
@@ -118,7 +113,7 @@ def rotaries(model: torch.nn.Module) -> list[Rotary | None]:
     module = getattr(getattr(model, "base_model", model), "rotary_emb", None)
     if module is None:
         return [None] * layers
-    model_type = getattr(config, "model_type", None)
+    layout = capability(config).rope_layout
     dtype = next(model.parameters()).dtype
     # A module whose forward takes a layer type serves one RoPE per type (Gemma-3).
     typed = "layer_type" in inspect.signature(module.forward).parameters
@@ -130,7 +125,7 @@ def rotaries(model: torch.nn.Module) -> list[Rotary | None]:
             continue
         layer_type = config.layer_types[li] if typed else None
         if layer_type not in shared:
-            shared[layer_type] = Rotary(module, dtype, model_type in INTERLEAVED, model_type in HALF_WIDTH, layer_type)
+            shared[layer_type] = Rotary(module, dtype, layout == "pairs", layout == "half-width", layer_type)
         out.append(shared[layer_type])
     return out
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,11 +53,12 @@ def _join(where: str, key: str | int) -> str:
     return f"{where}[{key}]" if isinstance(key, int) else (f"{where}.{key}" if where else key)
 
 
-class Spec:
+class Spec(ABC):
     """One node of a schema: ``check(value, where)`` returns ``value`` or raises SchemaError."""
 
+    @abstractmethod
     def check(self, value: Any, where: str) -> Any:
-        raise NotImplementedError
+        """``value`` if it fits, else SchemaError naming ``where``."""
 
     def fail(self, value: Any, where: str, expected: str):
         raise SchemaError(where, f"expected {expected}, got {_shown(value)}")
@@ -234,7 +236,7 @@ def check(spec: Spec, value: Any, where: str = "") -> Any:
     return spec.check(value, where)
 
 
-def check_items(raw: bytes, file_size: int, where: str) -> None:
+def check_items(raw: bytes | bytearray, file_size: int, where: str) -> None:
     """Refuse JSON with more values than a pack of ``file_size`` bytes can need, before parsing.
 
     Python builds 30-60 bytes of objects per JSON value, from as little as two bytes of
