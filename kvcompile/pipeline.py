@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .builder import BuildOptions, check_fits, compile_corpus, document_ids, segment_keys, tokenize
+from .builder import BuildOptions, check_fits, compile_corpus, document_ids, plan_budgets, segment_keys, tokenize
 from .corpus import MAX_FILE_BYTES, Skipped, read_corpus
 from .models import LoadedModel, ModelIdentity
+from .probes import AutoProbes, Probing
 from .rebuild import RebuildPlan, output_lock, plan_rebuild
 from .recipe import Recipe
 from .writer import check_output, pack_tensors_and_header, write_pack
@@ -27,28 +28,55 @@ class BuildReport:
     bytes: int
     plan: RebuildPlan
     seconds: dict[str, float] = field(default_factory=dict)
+    probes: AutoProbes | None = None  # with auto probes: those written from the corpus (or reused)
 
 
 def plan(paths: Sequence[str | os.PathLike], model: ModelIdentity | LoadedModel, recipe: Recipe,
          options: BuildOptions, previous: str | os.PathLike | None, text_field: str = "text",
-         max_file_bytes: int = MAX_FILE_BYTES) -> tuple[RebuildPlan, list[Skipped]]:
+         max_file_bytes: int = MAX_FILE_BYTES, auto_probes: int = 0) -> tuple[RebuildPlan, list[Skipped]]:
     """Read the corpus and match it against ``previous``: what a build would reuse.
 
     ``model`` needs no weights (``--check``, ``--dry-run``): its fingerprint keys the
     segments, and its tokenizer and shape check that every reused segment is what the
-    previous pack claims it is (:meth:`RebuildPlan.check_tokens`).
+    previous pack claims it is (:meth:`RebuildPlan.check_tokens`). With ``auto_probes``
+    the probes are taken from ``previous``; if one would have to be written again (its
+    source text changed), the task prompt is not known without the weights and nothing
+    counts as reusable.
     """
-    rebuild, skipped = _match(paths, model, recipe, options, previous, text_field, max_file_bytes)
+    probing = Probing(auto_probes, model, previous, write=False) if auto_probes else None
+    rebuild, skipped = _match(paths, model, recipe, options, previous, text_field, max_file_bytes, probing)
+    if probing is not None and probing.probes is None:
+        rebuild.reuse = {}
+        rebuild.caveat = ("some auto probes must be written again (their chunk, the recipe's examples or the model "
+                          "changed), which changes the task prompt: every document is stale")
     _verify(rebuild, model, lambda d: len(document_ids(model.tokenizer, rebuild.documents[d])))
     return rebuild, skipped
 
 
-def _match(paths, model, recipe, options, previous, text_field, max_file_bytes) -> tuple[RebuildPlan, list[Skipped]]:
-    """The corpus, and the previous pack's segments whose keys match (not yet verified)."""
+def _match(paths, model, recipe, options, previous, text_field, max_file_bytes,
+           probing: Probing | None = None) -> tuple[RebuildPlan, list[Skipped]]:
+    """The corpus, and the previous pack's segments whose keys match (not yet verified).
+
+    Under ``corpus`` budgets the keys hold budgets that only a survey with the model's
+    weights can tell; until then each unchanged document is assumed to keep its previous
+    budget (:meth:`RebuildPlan.previous_budgets`), which is exact when nothing changed.
+    """
     options.validate()
     documents, skipped = read_corpus(paths, text_field=text_field, max_file_bytes=max_file_bytes)
-    keys = segment_keys(documents, model.fingerprint, recipe, options)
-    return plan_rebuild(documents, keys, previous, model.fingerprint), skipped
+    if probing is not None:  # the probes join the recipe before any key is computed
+        recipe = probing.resolve(documents, recipe)
+
+    def keys(budgets=None):
+        return segment_keys(documents, model.fingerprint, recipe, options, budgets)
+
+    if options.budgets == "document":
+        return plan_rebuild(documents, keys(), previous, model.fingerprint), skipped
+    rebuild = plan_rebuild(documents, keys([None] * len(documents)), previous, model.fingerprint)
+    rebuild.match(keys(rebuild.previous_budgets()), model.fingerprint)
+    if not rebuild.up_to_date:
+        rebuild.caveat = ("budgets are shared by the whole corpus: the build surveys it again and also recompiles "
+                          "documents whose budget moves")
+    return rebuild, skipped
 
 
 def _verify(rebuild: RebuildPlan, model: ModelIdentity | LoadedModel, tokens: Callable[[int], int]) -> None:
@@ -69,31 +97,47 @@ def build(
     max_file_bytes: int = MAX_FILE_BYTES,
     progress: Callable[[str, int, int], None] | None = None,
     reuse: str | os.PathLike | None = None,
+    auto_probes: int = 0,
 ) -> BuildReport:
     """Compile the corpus at ``paths`` into ``output`` (written atomically, under a lock).
 
     Segments whose content key is in the previous pack (``reuse``, by default ``output``
     itself when it exists) are copied from it instead of compiled. ``progress(stage,
-    done, total)`` is called during prefill (tokens) and writing.
+    done, total)`` is called during prefill (tokens) and writing. ``auto_probes``: write
+    that many sample questions from the corpus with the model and add them to the
+    recipe's probes (:mod:`kvcompile.probes`; those the previous pack recorded for
+    unchanged text are reused).
     """
     options.validate()
     lm.capability.check_context(options.context)
     check_output(output)
     with output_lock(output):
         t0 = time.perf_counter()
-        rebuild, skipped = _match(paths, lm, recipe, options, reuse if reuse is not None else output,
-                                  text_field, max_file_bytes)
+        previous = reuse if reuse is not None else output
+        probing = Probing(auto_probes, lm, previous, progress=progress and (
+            lambda done, total: progress("auto probes", done, total))) if auto_probes else None
+        rebuild, skipped = _match(paths, lm, recipe, options, previous, text_field, max_file_bytes, probing)
+        recipe = probing.recipe if probing is not None else recipe
         documents = rebuild.documents
         tk = tokenize(documents, recipe, lm)
         check_fits(tk, options, lm)
+        if options.budgets == "corpus" and rebuild.up_to_date:  # the same corpus: the survey would agree
+            budgets, survey_s = rebuild.previous_budgets(), 0.0
+        else:
+            budgets, survey_s = plan_budgets(tk, options, lm)
+            if options.budgets == "corpus":
+                rebuild.match(segment_keys(documents, lm.fingerprint, recipe, options, budgets), lm.fingerprint)
+                rebuild.caveat = None  # the survey has spoken
         _verify(rebuild, lm, lambda d: len(tk.doc_ids[d]))  # the build's own tokens: no second pass
         reused = rebuild.pack.segments(sorted(set(rebuild.reuse.values()))) if rebuild.reuse else {}
         t1 = time.perf_counter()
         report = (lambda n: progress("prefill", n, tk.total)) if progress else None
-        compiled = compile_corpus(tk, options, lm, progress=report,
+        compiled = compile_corpus(tk, options, lm, budgets, progress=report,
                                   reused={d: reused[j] for d, j in rebuild.reuse.items()})
+        compiled.seconds["survey"] = survey_s
         t2 = time.perf_counter()
-        tensors, header = pack_tensors_and_header(compiled, documents, lm, recipe, options)
+        tensors, header = pack_tensors_and_header(compiled, documents, lm, recipe, options,
+                                                  auto_probes=probing and probing.probes)
         size = write_pack(output, tensors, header)
         if progress:
             progress("write", 1, 1)
@@ -107,5 +151,7 @@ def build(
         full_tokens=tk.total * lm.capability.num_layers * lm.capability.num_kv_heads,
         bytes=size,
         plan=rebuild,
-        seconds={"read": t1 - t0, **compiled.seconds, "compile": t2 - t1, "write": t3 - t2, "total": t3 - t0},
+        probes=probing and probing.probes,
+        seconds={"read": t1 - t0 - survey_s, **compiled.seconds, "compile": t2 - t1, "write": t3 - t2,
+                 "total": t3 - t0},
     )

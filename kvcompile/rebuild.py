@@ -37,6 +37,7 @@ class RebuildPlan:
     previous_paths: list[str] = field(default_factory=list)
     note: str | None = None  # why nothing could be reused, when so
     warning: bool = False  # the note is about a previous pack that could not be trusted
+    caveat: str | None = None  # what the plan cannot know before the build (corpus-wide budgets)
 
     def distrust(self, reason: str) -> None:
         """Reuse nothing from the previous pack: it is unreadable or contradicts itself."""
@@ -60,6 +61,33 @@ class RebuildPlan:
             if hi - lo != doc_tokens[d]:
                 return self.distrust(f"segment {j} spans {hi - lo} tokens, but {self.documents[d].path} has "
                                      f"{doc_tokens[d]}")
+
+    def match(self, keys: list[str], fingerprint: str | None = None) -> None:
+        """Reuse the previous pack's segments whose keys are among ``keys`` (the new segments'
+        keys, which replace the plan's): every one, or none if the pack contradicts itself."""
+        self.keys, self.reuse = keys, {}
+        if self.pack is None:
+            return
+        manifest = self.pack.manifest()
+        where = {seg["key"]: j for j, seg in enumerate(self.pack.header["segments"])}
+        self.reuse = {i: where[k] for i, k in enumerate(keys) if k in where}
+        if self.reuse and fingerprint is not None and self.pack.model["fingerprint"] != fingerprint:
+            return self.distrust("its segment keys are this model's, its fingerprint is another's")
+        for i, j in self.reuse.items():
+            seg = self.pack.header["segments"][j]
+            docs = [manifest[d] for d in seg["documents"]]
+            if [(m["path"], m["sha256"]) for m in docs] != [(self.documents[i].path, self.documents[i].sha256)]:
+                return self.distrust(f"segment {j}'s key is that of {self.documents[i].path}, "
+                                     "its manifest says otherwise")
+
+    def previous_budgets(self) -> list[int | None]:
+        """Per new document, the budget its unchanged segment had in the previous pack (same
+        path and content), or ``None``: the guess a plan makes before budgets are surveyed."""
+        if self.pack is None:
+            return [None] * len(self.documents)
+        manifest, segments = self.pack.manifest(), self.pack.header["segments"]
+        known = {(m["path"], m["sha256"]): segments[m["segment"]].get("budget") for m in manifest}
+        return [known.get((d.path, d.sha256)) for d in self.documents]
 
     @property
     def previous(self) -> str | None:
@@ -101,19 +129,8 @@ def plan_rebuild(documents: list[Document], keys: list[str], previous: str | os.
         plan.note, plan.warning = f"previous pack unusable ({e})", True
         return plan
     plan.pack = old
-    manifest = old.manifest()
-    plan.previous_paths = [m["path"] for m in manifest]
-    where = {seg["key"]: j for j, seg in enumerate(old.header["segments"])}
-    plan.reuse = {i: where[k] for i, k in enumerate(keys) if k in where}
-    if plan.reuse and fingerprint is not None and old.model["fingerprint"] != fingerprint:
-        plan.distrust("its segment keys are this model's, its fingerprint is another's")
-        return plan
-    for i, j in plan.reuse.items():
-        seg = old.header["segments"][j]
-        docs = [manifest[d] for d in seg["documents"]]
-        if [(m["path"], m["sha256"]) for m in docs] != [(documents[i].path, documents[i].sha256)]:
-            plan.distrust(f"segment {j}'s key is that of {documents[i].path}, its manifest says otherwise")
-            break
+    plan.previous_paths = [m["path"] for m in old.manifest()]
+    plan.match(keys, fingerprint)
     return plan
 
 

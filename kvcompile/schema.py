@@ -326,7 +326,10 @@ HEADER = Obj({
         "source": Str(max_len=MAX_TEXT),
         "task_prompt": Str(max_len=MAX_TEXT),
         "probes": List(Str(max_len=1 << 16), max_len=4096),
-    }),
+        # build --auto-probes: the probes written from the corpus (also in "probes"), by source chunk
+        "auto_probes": List(Obj({"question": Str(max_len=1 << 16), "document": Str(), "sha256": HEX64,
+                                 "key": HEX64}), max_len=4096),
+    }, optional=frozenset({"auto_probes"})),
     "options": Obj({
         "ratio": AnyOf((Number(0, 1), Null()), "a number in [0, 1] or null"),
         "budget": AnyOf((Int(1), Null()), "a positive integer or null"),
@@ -336,7 +339,8 @@ HEADER = Obj({
         "selection": Obj({}, extra=SCALAR),
         "context": Str(choices=("chained", "independent")),
         "codec": Obj({"name": Str(max_len=64)}, extra=SCALAR),
-    }),
+        "auto_probes": Int(1, 4096),  # build --auto-probes N
+    }, optional=frozenset({"auto_probes"})),
     "framing": Obj({
         "template": Str(choices=("chat", "plain")),
         "prefix_ids": List(Int(), max_len=1 << 20),
@@ -362,7 +366,8 @@ HEADER = Obj({
         "documents": List(Int(0, MAX_DOCUMENTS), min_len=1, max_len=MAX_DOCUMENTS),
         "tokens": List(Int(), min_len=2, max_len=2),
         "key": HEX64,
-    }), min_len=1, max_len=MAX_DOCUMENTS),
+        "budget": Int(1),  # tokens kept per KV head (format 1.x before budgets were recorded: absent)
+    }, optional=frozenset({"budget"})), min_len=1, max_len=MAX_DOCUMENTS),
     "checksums": Map(HEX64, max_len=MAX_TENSORS, key=TENSOR_NAME),
     "payload_bytes": Obj({part: Int(0, MAX_BYTES) for part in ("keys", "values", "positions", "manifest")}),
 }, optional=frozenset({"generator"}))

@@ -3,8 +3,8 @@
 Heads compete for one budget per layer (per-head budgets). Before they do, a floor
 guarantees coverage: every head keeps a share of an even per-head budget. The rest goes
 to the best scores, whichever head they belong to. Ties break by (head, position), so
-selection is deterministic. (Documents do not compete: each is its own segment with its
-own budget, see builder.py.)
+selection is deterministic. (Documents do not compete here: each is its own segment with
+its own budget, set by the policy of budgets.py.)
 """
 
 from __future__ import annotations

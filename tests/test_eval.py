@@ -176,6 +176,11 @@ def test_eval_a_pack_on_synthetic_data_prints_every_baseline(tiny_model_dir, tmp
         assert m["kv_bytes"] > 0 and m["ttft_s"] > 0
     assert kinds["rag"]["kv_tokens"] <= kinds["pack"]["kv_tokens"] + 1
     assert kinds["pack"]["kv_bytes"] < kinds["full"]["kv_bytes"]
+    # Standard errors (stats.py), and rag against the pack of the same budget, paired over the questions.
+    assert kinds["full"]["gain_kept_se"] == pytest.approx(0.0) and kinds["pack"]["gain_kept_se"] >= 0
+    [vs] = data["comparisons"]
+    assert (vs["method"], vs["reference"], vs["questions"]) == (kinds["rag"]["name"], kinds["pack"]["name"], 3)
+    assert vs["diff"] == pytest.approx(kinds["rag"]["gain_kept"] - kinds["pack"]["gain_kept"])
 
     # Same inputs, same results (timings and memory aside).
     again = run_eval(pack, "--qa", corpus / "questions.jsonl", "--corpus", corpus, "--max-new-tokens", 4)
@@ -190,8 +195,10 @@ def test_eval_a_pack_on_synthetic_data_prints_every_baseline(tiny_model_dir, tmp
 def test_eval_sweep_on_a_dataset_writes_json_and_plot(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     data = run_eval("--dataset", "synthetic:profiles:3", "-n", 2, "--sweep", "0.5,0.25", "--model", tiny_model_dir,
-                    "--baselines", "full,none", "--max-new-tokens", 3, "--out", out)
+                    "--baselines", "full,none", "--max-new-tokens", 3, "--out", out, "--reference", "kvcompile@0.5")
     assert sorted(m["name"] for m in data["methods"]) == ["full", "kvcompile@0.25", "kvcompile@0.5", "none"]
+    assert sorted((c["method"], c["reference"]) for c in data["comparisons"]) == [
+        ("full", "kvcompile@0.5"), ("kvcompile@0.25", "kvcompile@0.5"), ("none", "kvcompile@0.5")]
     assert (out / "eval.json").is_file() and (out / "eval.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "packs").glob("*.kvpack")) == ["qa-0.25.kvpack", "qa-0.5.kvpack"]
 

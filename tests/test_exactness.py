@@ -12,6 +12,7 @@ import torch
 import kvcompile
 from kvcompile.attention import pack_attention
 from kvcompile.builder import BuildOptions
+from kvcompile.cache import cache_argument
 from kvcompile.corpus import read_corpus
 from kvcompile.framing import document_text
 from kvcompile.pipeline import build
@@ -71,8 +72,10 @@ def test_generate_with_pack_cache_matches_session(tiny_lm, tiny_pack):
     q = session.question_ids("When was the company founded?")
     start = pack.layout["question_position"]
     with pack_attention(tiny_lm.model):
-        out = tiny_lm.model.generate(torch.tensor([[0] * start + q]), cache=pack.cache(tiny_lm),
-                                     max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        # `cache=` from transformers 5.24 on, `past_key_values=` before (and until 5.40).
+        cache = {cache_argument(tiny_lm.model): pack.cache(tiny_lm)}
+        out = tiny_lm.model.generate(torch.tensor([[0] * start + q]), **cache, max_new_tokens=6, do_sample=False,
+                                     min_new_tokens=6)
     assert tiny_lm.model.config._attn_implementation == "sdpa"
     first = int(session.first_token_logits("When was the company founded?").argmax())
     assert int(out[0, start + len(q)]) == first

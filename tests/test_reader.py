@@ -69,7 +69,7 @@ def test_the_reader_imports_no_compiler(tiny_pack, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert result["rows"] == sum(kvcompile.load(tiny_pack).kept[0]) and result["documents"] == 5
-    assert "kvpack 1.0" in result["inspect"]
+    assert "kvpack 1.1" in result["inspect"]
     assert result["finite"] and result["answer"] >= 0
     assert result["after_load"] == result["after_inspect"] == result["after_query"] == []
 
@@ -91,7 +91,9 @@ def test_legacy_pack_loads_and_matches_a_fresh_build(legacy, fresh):
     assert tuple(legacy.header["version"]) == (1, 0)
     assert legacy.model["fingerprint"] == fresh.model["fingerprint"]
     assert legacy.kept == fresh.kept
-    assert legacy.header["segments"] == fresh.header["segments"]  # same content keys: reusable
+    # Same content keys, so reusable; 1.1 adds each segment's budget.
+    unbudgeted = [{k: v for k, v in s.items() if k != "budget"} for s in fresh.header["segments"]]
+    assert legacy.header["segments"] == unbudgeted
     assert legacy.manifest() == fresh.manifest()
     assert len(legacy.positions) == len(fresh.positions)
     for li in range(len(legacy.kept)):

@@ -117,3 +117,31 @@ def test_a_build_with_each_scorer_keeps_the_budget(scorer, tiny_lm, tiny_corpus,
     share = sum(map(sum, pack.kept)) / (pack.layout["tokens"] * len(pack.kept) * len(pack.kept[0]))
     assert 0.2 < share < 0.35
     assert pack.session(tiny_lm).ask("When is payment due?", max_new_tokens=3).text is not None
+
+
+def test_a_scorer_sees_each_heads_layer_and_the_chunk_boundary(tiny_lm, tiny_corpus, tmp_path, monkeypatch,
+                                                              torch_single_thread):
+    """Whatever way the builder splits heads into scorer calls, ``LayerView.layers()`` names each
+    head's layer, and ``survivors()`` the rows kept from earlier chunks."""
+    from kvcompile import builder
+    from kvcompile.scorers import SCORERS
+
+    seen = []
+
+    class Spy(SCORERS["snapkv"]):
+        def score(self, view):
+            seen.append((view.layers().tolist(), view.survivors(), view.candidates.positions, view.chunk_start))
+            return super().score(view)
+
+    monkeypatch.setitem(SCORERS, "snapkv", Spy)
+    monkeypatch.setitem(builder.SCORE_CALL_BYTES, "cpu", 1)  # one head per call: calls start mid-layer
+    build([tiny_corpus], tmp_path / "spy.kvpack", tiny_lm, load_recipe("qa"),
+          BuildOptions(ratio=0.25, chunk_size=16, scorer="snapkv"))
+    cap = tiny_lm.capability
+    heads = cap.num_layers * cap.num_kv_heads
+    layers = [layer for ls, *_ in seen for layer in ls]
+    assert layers[:heads] == [h // cap.num_kv_heads for h in range(heads)]  # the first scored chunk, head by head
+    later = [(s, p, start) for _, s, p, start in seen if s.any()]
+    assert later, "a document longer than a chunk has survivors"
+    for survivors, positions, start in later:
+        assert torch.equal(survivors, positions < start) and (positions[~survivors] >= start).all()

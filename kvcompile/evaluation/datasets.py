@@ -1,7 +1,8 @@
 """Built-in evaluation sets by name, as given to ``--dataset`` and ``eval-corpus``.
 
 - ``squad:ARTICLE``: a SQuAD v2 dev article (title or 0-based index), its answerable questions;
-- ``hotpotqa[:POOL]``: a pool of HotpotQA dev questions over about 4k tokens of paragraphs;
+- ``hotpotqa[:POOL[:TOKENS]]``: a pool of HotpotQA dev questions over about TOKENS (default 4000) tokens
+  of paragraphs: their gold paragraphs, then distractors while they fit;
 - ``synthetic[:profiles[:ENTITIES]]`` or ``synthetic:needles[:TOKENS]``: generated, any size, seeded.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from ..data.qa import EvalSet
 from ..errors import OptionError
 
-DATASETS_HELP = "squad:ARTICLE, hotpotqa[:POOL], synthetic[:profiles[:ENTITIES]] or synthetic:needles[:TOKENS]"
+DATASETS_HELP = "squad:ARTICLE, hotpotqa[:POOL[:TOKENS]], synthetic[:profiles[:ENTITIES]] or synthetic:needles[:TOKENS]"
 
 
 def load_dataset(spec: str, seed: int = 0, questions: int | None = None) -> EvalSet:
@@ -25,7 +26,9 @@ def load_dataset(spec: str, seed: int = 0, questions: int | None = None) -> Eval
     if name == "hotpotqa":
         from ..data.squad import hotpotqa_pool
 
-        return hotpotqa_pool(index=_int(arg or "0", spec), n_questions=questions or 8, seed=seed)
+        pool, _, tokens = arg.partition(":")
+        return hotpotqa_pool(index=_int(pool or "0", spec), n_questions=questions or 8,
+                             target_tokens=_int(tokens or "4000", spec), seed=seed)
     if name == "synthetic":
         from ..data.synthetic import entity_profiles, needles
 

@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from .run import MethodResult
+from .run import MethodResult, compare
+from .stats import Estimate
 
 # Baselines first, then packs and peers by kept ratio (largest first).
 _ORDER = {"full": 0, "none": 1}
@@ -16,32 +17,76 @@ def ordered(results: list[MethodResult]) -> list[MethodResult]:
     return sorted(results, key=lambda r: (_ORDER.get(r.kind, 2), -(r.ratio or 0), r.kind != "pack", r.name))
 
 
-def table(results: list[MethodResult], title: str):
-    """A rich Table of every method's summary."""
+def references(results: list[MethodResult], reference: str | None = None) -> dict[str, MethodResult]:
+    """The method each result is compared with: ``reference`` (a method name) for all the others,
+    or by default the pack (``kvcompile@...``) whose kept ratio is nearest, within 0.01, for each
+    method that is neither a baseline without a budget (full, none) nor a pack itself."""
+    if reference is not None:  # a name that is not a method's compares nothing (the table says so)
+        ref = next((r for r in results if r.name == reference), None)
+        return {} if ref is None else {r.name: ref for r in results if r is not ref}
+    packs = [r for r in results if r.kind == "pack" and r.ratio is not None]
+    refs = {}
+    for r in results:
+        if r.kind in ("pack", "full", "none") or r.ratio is None or not packs:
+            continue
+        near = min(packs, key=lambda p: abs(p.ratio - r.ratio))
+        if abs(near.ratio - r.ratio) < 0.01:
+            refs[r.name] = near
+    return refs
+
+
+def comparisons(results: list[MethodResult], reference: str | None = None) -> dict[str, tuple[str, Estimate]]:
+    """Per method: (reference name, paired difference in gain kept, method minus reference, with its SE)."""
+    found = {}
+    for name, ref in references(results, reference).items():
+        est = compare(results, next(r for r in results if r.name == name), ref)
+        if est is not None:
+            found[name] = (ref.name, est)
+    return found
+
+
+def table(results: list[MethodResult], title: str, reference: str | None = None):
+    """A rich Table of every method's summary, with gain kept ± its standard error and, when the
+    baselines ran, the paired difference in gain kept from the reference (:func:`references`)."""
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left")
-    for col in ("method", "kept", "KV bytes", "contains", "EM", "F1", "NLL", "gain kept", "TTFT s", "tok/s",
+    vs = comparisons(results, reference)
+    caption = None
+    if reference is not None and not any(r.name == reference for r in results):
+        caption = f"--reference {reference!r} is not one of the methods: " + ", ".join(r.name for r in ordered(results))
+    elif vs:
+        caption = ("gain kept ± standard error (delta method, over questions); "
+                   + (f"Δ = gain kept minus {reference}'s" if reference else
+                      "Δ = gain kept minus the pack's at the same kept ratio") + ", paired over the questions, ± SE")
+    t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for col in ("method", "kept", "KV bytes", "contains", "EM", "F1", "NLL", "gain kept", "Δ", "TTFT s", "tok/s",
                 "peak mem"):
         t.add_column(col, justify="left" if col == "method" else "right")
     for r in ordered(results):
         s = r.summary()
+        gain = Estimate(_nan(s["gain_kept"]), _nan(s["gain_kept_se"]), len(r.rows))
         t.add_row(r.name, _num(s["ratio"], "{:.0%}"), human_bytes(s["kv_bytes"]), _num(s["contains"], "{:.2f}"),
                   _num(s["exact_match"], "{:.2f}"), _num(s["f1"], "{:.2f}"), _num(s["nll"], "{:.3f}"),
-                  _num(s["gain_kept"], "{:.2f}"), _num(s["ttft_s"], "{:.2f}"), _num(s["tokens_per_s"], "{:.1f}"),
-                  human_bytes(s["peak_memory"]))
+                  gain.format(), vs[r.name][1].format(signed=True) if r.name in vs else "–",
+                  _num(s["ttft_s"], "{:.2f}"), _num(s["tokens_per_s"], "{:.1f}"), human_bytes(s["peak_memory"]))
     return t
 
 
-def to_json(results: list[MethodResult], meta: dict) -> dict:
-    return {**meta, "methods": [r.to_json() for r in ordered(results)]}
+def to_json(results: list[MethodResult], meta: dict, reference: str | None = None) -> dict:
+    """Every method's summary and rows, and the paired comparisons (``method - reference``)."""
+    vs = comparisons(results, reference)
+    return {**meta, "methods": [r.to_json() for r in ordered(results)],
+            "comparisons": [{"method": name, "reference": ref, "diff": est.to_json()["mean"],
+                             "se": est.to_json()["se"], "questions": est.questions}
+                            for name, (ref, est) in vs.items()]}
 
 
-def write(results: list[MethodResult], meta: dict, out: Path) -> list[Path]:
+def write(results: list[MethodResult], meta: dict, out: Path, reference: str | None = None) -> list[Path]:
     """Write ``eval.json`` (and ``eval.png`` when there is something to compare) under ``out``; return the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "eval.json"]
-    paths[0].write_text(json.dumps(to_json(results, meta), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(to_json(results, meta, reference), indent=1, ensure_ascii=False) + "\n"
+    paths[0].write_text(text, encoding="utf-8")
     if plot_quality(results, out / "eval.png", meta.get("title", "")):
         paths.append(out / "eval.png")
     return paths
@@ -106,6 +151,10 @@ def human_bytes(n: float | None) -> str:
         n /= 1024
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}"
+
+
+def _nan(x) -> float:
+    return float("nan") if x is None else x
 
 
 def _num(x, fmt: str) -> str:

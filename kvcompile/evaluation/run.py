@@ -10,6 +10,7 @@ import torch
 
 from ..data.qa import QA
 from ..quality import gain_kept
+from . import stats
 from .memory import PeakMemory
 from .methods import Method
 from .metrics import contains, exact_match, f1
@@ -26,6 +27,7 @@ class MethodResult:
     peak_memory: int | None
     rows: list[dict] = field(default_factory=list)
     gain_kept: float | None = None  # filled by `evaluate` when `none` and `full` ran
+    gain_kept_se: float | None = None  # its delta-method standard error (stats.py), likewise
 
     def summary(self) -> dict:
         """Means of the scores, medians of the timings, and the sizes."""
@@ -38,8 +40,8 @@ class MethodResult:
 
         return {"name": self.name, "kind": self.kind, "ratio": self.ratio, "questions": len(self.rows),
                 "contains": mean("contains"), "exact_match": mean("exact_match"), "f1": mean("f1"),
-                "nll": mean("nll"), "gain_kept": self.gain_kept, "ttft_s": median("ttft"),
-                "tokens_per_s": median("tokens_per_s"), "peak_memory": self.peak_memory,
+                "nll": mean("nll"), "gain_kept": self.gain_kept, "gain_kept_se": self.gain_kept_se,
+                "ttft_s": median("ttft"), "tokens_per_s": median("tokens_per_s"), "peak_memory": self.peak_memory,
                 "kv_bytes": self.kv_bytes, "kv_tokens": self.kv_tokens, "setup_s": self.setup_seconds}
 
     def to_json(self) -> dict:
@@ -85,14 +87,53 @@ def evaluate(makers: Sequence[Callable[[], Method]], questions: Sequence[QA], de
 
 
 def fill_gain_kept(results: list[MethodResult]) -> None:
-    """Set ``gain_kept`` on every result, from the ``none`` and ``full`` results when both ran.
+    """Set ``gain_kept`` and ``gain_kept_se`` on every result, from the ``none`` and ``full`` results when both ran.
 
-    Pooled over questions (:func:`kvcompile.quality.gain_kept`).
+    Pooled over questions (:func:`kvcompile.quality.gain_kept`); the standard error is the
+    delta-method one of :mod:`kvcompile.evaluation.stats`.
     """
+    base = baseline_nlls(results)
+    if base is None:
+        return
+    none, full = base
+    for r in results:
+        r.gain_kept = gain_kept(none, full, nlls(r))
+        se = stats.gain_estimate(none, full, nlls(r)).se
+        r.gain_kept_se = None if se != se else se  # NaN (one question) -> None, as JSON has no NaN
+
+
+def nlls(result: MethodResult) -> list[float]:
+    """The gold-answer NLL of each question, in the order asked."""
+    return [row["nll"] for row in result.rows]
+
+
+def baseline_nlls(results: Sequence[MethodResult]) -> tuple[list[float], list[float]] | None:
+    """``(none, full)`` NLLs per question, or None when either baseline did not run."""
     by_kind = {r.kind: r for r in results}
     if "none" not in by_kind or "full" not in by_kind:
-        return
-    none = [r["nll"] for r in by_kind["none"].rows]
-    full = [r["nll"] for r in by_kind["full"].rows]
-    for r in results:
-        r.gain_kept = gain_kept(none, full, [x["nll"] for x in r.rows])
+        return None
+    return nlls(by_kind["none"]), nlls(by_kind["full"])
+
+
+def linearised(results: Sequence[MethodResult], result: MethodResult) -> list[float] | None:
+    """``result``'s per-question linearised gain kept (:func:`stats.linearised_gain`), None without baselines."""
+    base = baseline_nlls(results)
+    if base is None:
+        return None
+    _check_same_questions(results)
+    return stats.linearised_gain(*base, nlls(result))
+
+
+def compare(results: Sequence[MethodResult], a: MethodResult, b: MethodResult) -> stats.Estimate | None:
+    """Paired ``gain_kept(a) - gain_kept(b)`` over the questions, with its SE (None without baselines)."""
+    base = baseline_nlls(results)
+    if base is None:
+        return None
+    _check_same_questions(results)
+    return stats.paired(*base, nlls(a), nlls(b))
+
+
+def _check_same_questions(results: Sequence[MethodResult]) -> None:
+    ids = [[row["id"] for row in r.rows] for r in results]
+    if any(i != ids[0] for i in ids):
+        raise ValueError("paired statistics need every method to answer the same questions in the same order")

@@ -20,23 +20,42 @@ from ..ragged import RaggedKV
 
 @dataclass
 class LayerView:
-    """What one layer's prefill of ``[kept | chunk | probe]`` produced.
+    """What the prefill of ``[context | kept | chunk | probe]`` produced, for some heads.
 
-    candidates: the tokens competing for the layer's budget, ragged per KV head: keys
-        (post-RoPE), values and positions of ``[kept | chunk]``.
-    probe_keys: ``[kv_heads, n_probe, head_dim]`` post-RoPE keys of the probe (task
+    candidates: the tokens competing for the budget, ragged per KV head: keys
+        (post-RoPE), values and positions of ``[kept | chunk]``. Its heads may span
+        several layers: they are the model's heads ``first_head...`` counted layer-major
+        (``kv_heads`` per layer), so that :meth:`layers` can tell each one's layer.
+    probe_keys: ``[heads, n_probe, head_dim]`` post-RoPE keys of the probe (task
         prompt) tokens, which follow the candidates.
-    queries: ``[q_heads, n_probe, head_dim]`` post-RoPE queries of the probe tokens.
+    queries: ``[heads x group, n_probe, head_dim]`` post-RoPE queries of the probe tokens.
+    chunk_start: the position of the chunk's first token: candidates before it are the
+        earlier chunks' survivors (``None``: every candidate is new).
     """
 
     candidates: RaggedKV
     probe_keys: torch.Tensor | None
     queries: torch.Tensor | None
     scaling: float
+    first_head: int = 0
+    kv_heads: int = 0  # KV heads per layer; 0: the candidates' heads are one layer
+    chunk_start: int | None = None
 
     @property
     def n_probe(self) -> int:
         return 0 if self.queries is None else self.queries.shape[1]
+
+    def layers(self) -> torch.Tensor:
+        """``[heads]``: the model layer of each of the candidates' heads."""
+        per = self.kv_heads or self.candidates.heads
+        heads = torch.arange(self.candidates.heads, device=self.candidates.keys.device)
+        return (self.first_head + heads) // per
+
+    def survivors(self) -> torch.Tensor:
+        """``[N]`` bool: the candidates kept from earlier chunks (as opposed to the chunk's new tokens)."""
+        if self.chunk_start is None:
+            return torch.zeros_like(self.candidates.positions, dtype=torch.bool)
+        return self.candidates.positions < self.chunk_start
 
 
 class Scorer(ABC):
