@@ -94,7 +94,7 @@ def build(
     from .builder import BuildOptions
     from .models import load_model
     from .pipeline import build as run_build
-    from .probes import check_count
+    from .probes import check_count, check_scorer
     from .recipe import load_recipe, read_probes
 
     with _errors(debug):
@@ -119,6 +119,8 @@ def build(
         from .codecs import get_codec
 
         get_codec(options.codec), options.make_scorer()  # fail on bad names before loading a model
+        if n_auto:
+            check_scorer(options.make_scorer())
         if check or dry_run:
             from .models import identify
             from .pipeline import plan

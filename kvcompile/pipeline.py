@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from .builder import BuildOptions, check_fits, compile_corpus, document_ids, plan_budgets, segment_keys, tokenize
 from .corpus import MAX_FILE_BYTES, Skipped, read_corpus
 from .models import LoadedModel, ModelIdentity
-from .probes import AutoProbes, Probing
+from .probes import AutoProbes, Probing, check_scorer
 from .rebuild import RebuildPlan, output_lock, plan_rebuild
 from .recipe import Recipe
 from .writer import check_output, pack_tensors_and_header, write_pack
@@ -64,6 +64,7 @@ def _match(paths, model, recipe, options, previous, text_field, max_file_bytes,
     options.validate()
     documents, skipped = read_corpus(paths, text_field=text_field, max_file_bytes=max_file_bytes)
     if probing is not None:  # the probes join the recipe before any key is computed
+        check_scorer(options.make_scorer())
         recipe = probing.resolve(documents, recipe)
 
     def keys(budgets=None):

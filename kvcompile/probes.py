@@ -116,6 +116,13 @@ class AutoProbes:
         return [p.to_json() for p in self.probes]
 
 
+def check_scorer(scorer) -> None:
+    """Refuse auto probes for a scorer that never reads the task prompt they would join."""
+    if not scorer.reads_task_prompt:
+        raise OptionError(f"--auto-probes writes sample questions for the task prompt, which the {scorer.name} "
+                          "scorer does not read: drop --auto-probes, or use --scorer task_aware or snapkv")
+
+
 def check_count(n: Any, option: str = "--auto-probes") -> int:
     """``n`` as a number of probes: an integer in [1, MAX_AUTO_PROBES] (a digit string too), else OptionError."""
     if isinstance(n, str):

@@ -367,3 +367,15 @@ def test_default_model_writes_probes_for_the_example_corpus(default_model, capsy
     again = write_probes(default_model, documents, load_recipe("faq"), 3,
                          previous={p.key: p.question for p in written.probes}, generate=failing_generate)
     assert again.probes == written.probes
+
+
+@pytest.mark.parametrize("scorer", ["lagkv", "stride"])
+def test_auto_probes_for_a_scorer_that_never_reads_them_is_one_line(scorer, tiny_model_dir, tiny_corpus, tmp_path,
+                                                                    tiny_lm):
+    result = runner.invoke(app, ["build", str(tiny_corpus), "-o", str(tmp_path / "out.kvpack"), "--model",
+                                 str(tiny_model_dir), "--quiet", "--auto-probes", "2", "--scorer", scorer])
+    one_error_line(result, f"the {scorer} scorer does not read")
+    with pytest.raises(OptionError, match="does not read"):  # the API says the same, before writing anything
+        build([tiny_corpus], tmp_path / "x.kvpack", tiny_lm, load_recipe("qa"),
+              BuildOptions(**{**OPTIONS, "scorer": scorer}), auto_probes=2)
+    assert not (tmp_path / "out.kvpack").exists() and not (tmp_path / "x.kvpack").exists()

@@ -62,6 +62,7 @@ class Scorer(ABC):
     """Base class; subclasses set ``name`` and implement :meth:`score`."""
 
     name: str = ""
+    reads_task_prompt: bool = True  # False: scores without the probe (queries and probe_keys may be None)
 
     @abstractmethod
     def score(self, view: LayerView) -> torch.Tensor:

@@ -40,6 +40,7 @@ def _spread(x: torch.Tensor, valid: torch.Tensor, lag: int, eps: float) -> torch
 @register
 class LagKVScorer(Scorer):
     name = "lagkv"
+    reads_task_prompt = False
 
     def __init__(self, lag: int = 128, eps: float = 1e-6):
         self.lag, self.eps = int(lag), float(eps)

@@ -15,6 +15,7 @@ from . import LayerView, Scorer, register
 @register
 class StrideScorer(Scorer):
     name = "stride"
+    reads_task_prompt = False
 
     def __init__(self, ratio: float = 0.25):
         self.ratio = float(ratio)
