@@ -365,27 +365,22 @@ def plan_budgets(tk: Tokenized, options: BuildOptions, lm: LoadedModel) -> tuple
 
 
 @torch.no_grad()
-def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, budgets: Sequence[int] | None = None,
+def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, budgets: Sequence[int],
                    progress=None, reused: dict[int, list[RaggedKV]] | None = None) -> Compiled:
     """Compile every document into a segment (or take it from ``reused``, by document index:
     one RaggedKV per layer, as :meth:`Pack.segments` gives them) and assemble the pack's KV
     in corpus order.
 
-    ``budgets``: per document, tokens kept per KV head (:func:`plan_budgets`, which is
-    called when not given). The framing prefix is prefilled once and kept whole. In
-    ``independent`` mode each document is compiled right after the framing (at the
-    positions that follow it) and shifted to its place in the corpus when assembled; in
-    ``chained`` mode it is compiled at its place, after the kept KV of every earlier
-    document. ``progress`` is called with the number of tokens compiled so far.
+    ``budgets``: per document, tokens kept per KV head (:func:`plan_budgets`). The framing
+    prefix is prefilled once and kept whole. In ``independent`` mode each document is
+    compiled right after the framing (at the positions that follow it) and shifted to its
+    place in the corpus when assembled; in ``chained`` mode it is compiled at its place,
+    after the kept KV of every earlier document. ``progress`` is called with the number of
+    tokens compiled so far.
     """
-    seconds = {}
-    if budgets is None:
-        budgets, seconds["survey"] = plan_budgets(tk, options, lm)
     with pack_attention(lm.model):
         stacked = {d: RaggedKV.stack(seg) for d, seg in (reused or {}).items()}
-        compiled = _compile(_Compiler(tk, options, lm), tk, options, list(budgets), progress, stacked)
-    compiled.seconds.update(seconds)
-    return compiled
+        return _compile(_Compiler(tk, options, lm), tk, options, list(budgets), progress, stacked)
 
 
 def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, budgets: list[int], progress,

@@ -197,22 +197,21 @@ def token_pieces(text: str, offsets: Sequence[tuple[int, int]]) -> list[str]:
 
 
 def document_pieces(tokenizer, document: Document, expected: int, where: str) -> list[str]:
-    """The text of each of ``document``'s tokens, tokenized exactly as the build did
-    (:func:`kvcompile.builder.document_ids`); refuses if that is not ``expected`` tokens."""
-    from .builder import document_ids  # the build's own tokenization (imported here: it is heavy)
+    """The text of each of ``document``'s tokens, tokenized as the build did (the call of
+    :func:`kvcompile.builder.document_ids`, with offsets); refuses if that is not
+    ``expected`` tokens."""
     from .framing import document_text
 
-    ids = document_ids(tokenizer, document)
     text = document_text(document.path, document.text)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:  # slow (Python) tokenizers have no offsets
         raise OptionError("showing tokens as text needs a fast tokenizer (with offsets); "
                           "this model's is slow") from None
-    if enc["input_ids"] != ids or len(ids) != expected:
+    if len(enc["input_ids"]) != expected:
         raise ModelMismatchError(
-            f"{where}: {document.path!r} is {len(ids)} tokens with this tokenizer, but the pack holds {expected} "
-            "for it: use the tokenizer of the model the pack was built with (--model)")
+            f"{where}: {document.path!r} is {len(enc['input_ids'])} tokens with this tokenizer, but the pack holds "
+            f"{expected} for it: use the tokenizer of the model the pack was built with (--model)")
     return token_pieces(text, enc["offset_mapping"])
 
 
