@@ -152,8 +152,7 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache | None
     transformers 5.x renames ``past_key_values`` to ``cache`` (the old name is removed in
     5.40); models of either generation get the argument they declare.
     """
-    name = _cache_argument(type(model))
-    return model(input_ids, **{name: cache}, use_cache=cache is not None, **kwargs)
+    return model(input_ids, **{cache_argument(model): cache}, use_cache=cache is not None, **kwargs)
 
 
 def cache_argument(model: torch.nn.Module) -> str:
