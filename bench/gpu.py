@@ -423,12 +423,14 @@ def rag_ttft(lm, ids: list[int], repeats: int) -> dict:
     return {"runs": runs, "ttft": median(runs), "tokens": len(ids)}
 
 
-def build_pack(lm, folder: Path, out: Path, ratio: float, chunk_size: int | None) -> dict:
+def build_pack(lm, folder: Path, out: Path, ratio: float, chunk_size: int | None, quant: str = "none") -> dict:
     from kvcompile.builder import BuildOptions
     from kvcompile.pipeline import build
     from kvcompile.recipe import load_recipe
 
-    options = BuildOptions(ratio=ratio) if chunk_size is None else BuildOptions(ratio=ratio, chunk_size=chunk_size)
+    options = BuildOptions(ratio=ratio, quant=quant)
+    if chunk_size is not None:
+        options.chunk_size = chunk_size
     recipe = load_recipe("qa")
     dev = lm.device
     sync(dev)
@@ -455,7 +457,13 @@ def load_pack(lm, path: Path, holder: dict) -> dict:
     t2 = time.perf_counter()
     holder["session"] = session
     return {"seconds": t2 - t0, "read_verify": t1 - t0, "session": t2 - t1,
-            "session_load_seconds": getattr(session, "load_seconds", None)}
+            "session_load_seconds": getattr(session, "load_seconds", None), "device_kv_bytes": device_bytes(session)}
+
+
+def device_bytes(session) -> int:
+    """Bytes of the placed pack on the device: dense rows, or a quantised pack's encoded tensors."""
+    return sum(layer.nbytes if hasattr(layer, "nbytes") else layer.keys.nbytes + layer.values.nbytes
+               for layer in session.kv)
 
 
 def pack_ask(session, lm, decode_tokens: int, n_questions: int) -> dict:
@@ -517,13 +525,14 @@ def attention_bandwidth(session, lm, iters: int = 200, kernel_time: bool = False
     layer.update(k_new, v_new, 0)
     q = torch.randn(1, heads, 1, head_dim, generator=g, device=dev).to(dtype)
     prefix = layer.prefix
-    kv_bytes = sum(t.numel() * t.element_size() for t in (prefix.keys, prefix.values))
+    encoded = not isinstance(prefix.keys, torch.Tensor)  # a quantised pack: decoded per call, then the kernel
+    kv_bytes = prefix.nbytes if encoded else sum(t.numel() * t.element_size() for t in (prefix.keys, prefix.values))
     rows = prefix.rows
     new_bytes = 2 * k_new.numel() * k_new.element_size()
     io_bytes = 2 * q.numel() * q.element_size()  # the query in, the output out
     calls = {"kvcompile_attention": lambda: entry(None, q, layer, layer, None, scaling=scaling)}
     calls_note = "not CUDA: the kernel is not called directly"
-    if A.uses_kernel(dev):
+    if A.uses_kernel(dev) and not encoded:
         from kvcompile.kernels.attention import ragged_attention as kernel
 
         calls["kernel"] = lambda: kernel(q, prefix.keys, prefix.values, prefix.offsets, prefix.max_len,
@@ -634,11 +643,33 @@ def run_size(lm, corpus: Corpus, args, tmp: Path, deadline: float, estimates: di
             f"{r.get('kv_bytes', 0) / 2**20:.2f} MiB of KV on layer 0)")
     holder.clear()
     session = None  # noqa: F841 (drop the placed KV before the next phase)
+    for quant in args.quants:
+        r = ph.run(f"quant_{quant}", lambda quant=quant: quantised_pack(lm, corpus, args, tmp, quant))
+        if r:
+            log(f"  {quant}: decode {fmt(r['decode']['decode_tokens_per_s'])} tok/s, "
+                f"{r['device_kv_bytes'] / 2**20:.1f} MiB of KV on the device, "
+                f"attention {fmt_bw(r['attention'].get('GB_per_s'))}")
     if pack_path.exists():
         res["pack_path"] = str(pack_path)  # for the kernel-time pass at the end (kernel_times)
     free_memory(dev)
     res["complete"] = True
     return res
+
+
+def quantised_pack(lm, corpus: Corpus, args, tmp: Path, quant: str) -> dict:
+    """Build, load and decode from a ``--quant`` pack at the same ratio: what stays on the device
+    (encoded), decode tokens/s, and layer 0's attention bandwidth over the encoded bytes
+    (decoded per call, then the attention kernel)."""
+    path = tmp / f"bench-{corpus.target}-{quant}.kvpack"
+    built = build_pack(lm, corpus.folder, path, args.ratio, args.chunk_size, quant)
+    holder: dict = {}
+    loaded = load_pack(lm, path, holder)
+    session = holder["session"]
+    out = {"build": built, "load": loaded, "device_kv_bytes": loaded["device_kv_bytes"],
+           "decode": pack_decode(session, lm, args.decode_tokens),
+           "attention": attention_bandwidth(session, lm, args.bandwidth_iters)}
+    path.unlink(missing_ok=True)
+    return out
 
 
 def kernel_times(lm, data: dict, args, deadline: float, save) -> None:
@@ -877,6 +908,20 @@ def markdown(data: dict) -> str:
         mem = ", ".join(f"{k} {fmt_gib(v)}" for k, v in s["peak_bytes"].items() if v is not None)
         if mem:
             lines.append(f"Peak GPU memory by phase (GiB, weights included): {mem}.")
+        quant = {k[len("quant_"):]: v for k, v in res.get("phases", {}).items()
+                 if k.startswith("quant_") and v.get("status") == "ok"}
+        if quant:
+            fp16 = res["phases"].get("pack_load", {})
+            lines += ["", "| pack | KV on the device (MiB) | decode tok/s | layer-0 attention (GB/s of encoded KV) |",
+                      "|---|---|---|---|"]
+            base = res["phases"].get("pack_decode", {}).get("decode_tokens_per_s")
+            bw = res["phases"].get("attention_bandwidth", {})
+            kv = fp16.get("device_kv_bytes")
+            lines.append(f"| fp16 | {fmt(kv / 2**20, 2) if kv else '-'} | {fmt(base)} | {fmt_bw(bw.get('GB_per_s'))} |")
+            for name, q in quant.items():
+                lines.append(f"| {name} | {fmt(q['device_kv_bytes'] / 2**20, 2)} | "
+                             f"{fmt(q['decode'].get('decode_tokens_per_s'))} | "
+                             f"{fmt_bw(q['attention'].get('GB_per_s'))} |")
         for note in res.get("notes", []):
             lines.append(f"- {note}")
         lines.append("")
@@ -996,6 +1041,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=330.0,
                     help="wall-clock budget for the whole run; later sizes/phases that would exceed it are skipped")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quants", type=lambda t: [q for q in t.split(",") if q], default=["int4", "kvmix"],
+                    help="quantised packs to build and decode from at each size, after the fp16 pack ('' for none)")
     ap.add_argument("--prepare", type=Path, default=None, metavar="DIR",
                     help="write DIR/tokenizer and DIR/squad.txt for an offline machine, and exit")
     args = ap.parse_args(argv)

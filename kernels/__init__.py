@@ -7,9 +7,14 @@
   is split across programs.
 - :func:`rope` (``rope.py``): rotate stored pre-RoPE keys ``[N, D]`` to their positions
   (``rotate_half`` convention, partial rotary), one launch per layer.
+- :func:`dequantize` (``dequant.py``): bit-unpack and dequantise a quantised pack's rows
+  (integer codes, fp16 scales and zeros per channel group or per row group) to ``[N, D]``.
+- :func:`rvq_decode` (``rvq.py``): residual-VQ rows, the gather-sum of their codewords times
+  their scale, to ``[N, D]``.
 
 Each kernel sits next to its plain PyTorch reference (:func:`ragged_attention_reference`,
-:func:`rope_reference`), which is the spec: ``tests/test_kernels.py`` compares them on CPU under
+:func:`rope_reference`, :func:`dequantize_reference`, :func:`rvq_decode_reference`), which is
+the spec: ``tests/test_kernels.py`` compares them on CPU under
 ``TRITON_INTERPRET=1`` and ``tests/test_kernels_cuda.py`` on a GPU.
 
 Importing this package never needs triton: the names above are loaded on first access, and
@@ -27,6 +32,10 @@ _EXPORTS = {
     "choose_num_splits": "attention",
     "rope": "rope",
     "rope_reference": "rope",
+    "dequantize": "dequant",
+    "dequantize_reference": "dequant",
+    "rvq_decode": "rvq",
+    "rvq_decode_reference": "rvq",
 }
 
 __all__ = ["triton_available", *_EXPORTS]

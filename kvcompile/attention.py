@@ -120,7 +120,7 @@ def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 def _by_position(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A padded PackLayer as ``keys, values [batch, kv_heads, L, head_dim]`` (views of its
     buffer), ``valid`` and ``positions [kv_heads, L]``: the prefix, then the new tokens."""
-    p, t = layer.prefix, layer.length
+    p, t = layer.rows(), layer.length
     index, valid = p.padded_index()
     new_positions = torch.arange(layer.start, layer.start + t, device=index.device).expand(p.heads, t)
     positions = torch.cat([p.positions[index], new_positions], dim=1)
@@ -183,7 +183,7 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
         # The scorer reads the probe tokens' queries after the forward pass.
         layer.queries = query[:, :, -layer.capture_queries :].detach()
     if layer.pad is None:
-        p = layer.prefix
+        p = layer.rows()
         out = _kernel()(query, p.keys, p.values, p.offsets, p.max_len, layer.new_keys, layer.new_values, scaling,
                         prefix_positions=p.positions, start=layer.start, window=window, softcap=softcap,
                         sinks=sinks)

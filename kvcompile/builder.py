@@ -24,10 +24,11 @@ import torch
 from .attention import pack_attention
 from .budgets import BUDGET_POLICIES, corpus_budgets, document_budgets
 from .cache import PackCache, forward
-from .codecs import get_codec
+from .codecs import QUANTS, Codec, layer_codecs, make_codec
 from .corpus import Document
 from .errors import CorpusError, OptionError
 from .framing import Framing, document_text, frame
+from .kvmix import DEFAULTS as KVMIX
 from .models import LoadedModel
 from .ragged import RaggedKV
 from .recipe import Recipe
@@ -46,7 +47,12 @@ class BuildOptions:
     sinks: int = 4
     scorer: str = "task_aware"
     scorer_params: dict = field(default_factory=dict)
-    codec: str = "fp16"
+    codec: str = "fp16"  # storage of unquantised parts: fp16, bf16 or fp32
+    quant: str = "none"  # codecs.QUANTS: none, int8/4/3/2 (KIVI groups) or kvmix (bits per layer)
+    quant_group: int = 32  # tokens per key group, channels per value group
+    layer_bits: list | None = None  # kvmix: (key bits, value bits) per layer, from the profile (kvmix.py)
+    quant_outliers: float | None = None  # share of each run's rows stored exactly; None: the quant's default
+    rvq_depth: int = 4  # rvq: residual levels (8-bit codes) per sub-vector of quant_group channels
     head_floor: float = 0.2
     context: str = "chained"  # what each document is compiled after: "independent" or "chained"
     budgets: str = "document"  # how documents share the budget: "document" or "corpus" (budgets.py)
@@ -71,6 +77,35 @@ class BuildOptions:
             raise OptionError(f"--budgets must be one of {', '.join(BUDGET_POLICIES)}, got {self.budgets!r}")
         if not 0 <= self.doc_floor <= 1:
             raise OptionError(f"document floor must be in [0, 1], got {self.doc_floor}")
+        make_codec(self.codec)
+        if self.quant not in QUANTS:
+            raise OptionError(f"--quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if not 1 <= self.quant_group <= 4096:
+            raise OptionError(f"--quant-group must be in [1, 4096], got {self.quant_group}")
+        if not 1 <= self.rvq_depth <= 16:
+            raise OptionError(f"--rvq-depth must be in [1, 16], got {self.rvq_depth}")
+        if self.quant_outliers is not None and not 0 <= self.quant_outliers <= 1:
+            raise OptionError(f"--quant-outliers must be a share in [0, 1], got {self.quant_outliers}")
+
+    @property
+    def outliers(self) -> float:
+        """The share of rows stored exactly: the option, else kvmix's default, else none."""
+        if self.quant_outliers is not None:
+            return self.quant_outliers
+        return KVMIX["outliers"] if self.quant == "kvmix" else 0.0
+
+    def codecs(self, layers: int, head_dim: int) -> list[tuple[Codec, Codec]]:
+        """The (keys, values) codec of each layer."""
+        if self.quant == "kvmix":
+            if self.layer_bits is None or len(self.layer_bits) != layers:
+                raise OptionError("kvmix needs the bits of every layer: build through kvcompile.build")
+            bits = self.layer_bits
+        elif self.quant == "rvq":
+            bits = [(self.rvq_depth, self.rvq_depth)] * layers
+        else:
+            b = int(self.quant[3:]) if self.quant.startswith("int") else 16
+            bits = [(b, b)] * layers
+        return layer_codecs(self.quant, self.codec, head_dim, self.quant_group, bits, self.outliers)
 
     def make_scorer(self) -> Scorer:
         if self.scorer == "stride" and self.ratio is None:
@@ -91,6 +126,10 @@ class BuildOptions:
         d = self.to_json()
         if self.budgets == "document":
             del d["budgets"], d["doc_floor"]
+        if self.quant == "none":
+            del d["quant"], d["quant_group"], d["layer_bits"], d["quant_outliers"]
+        if self.quant != "rvq":
+            del d["rvq_depth"]
         return d
 
 
@@ -173,15 +212,15 @@ def segment_keys(documents: list[Document], fingerprint: str, recipe: Recipe, op
     Under ``corpus`` budgets a document's budget comes from the whole corpus, so it is in
     the key (``budgets``, tokens per KV head; ``None`` for a document whose budget is not
     known yet, whose key then matches nothing). Under ``document`` budgets with
-    ``--budget`` the per-document budget depends on the whole corpus's length, so every
-    key covers every document.
+    ``--budget`` the per-document budget depends on the whole corpus's length, and RVQ's
+    codebooks on all of its rows, so every key covers every document.
     """
     base = {"model": fingerprint, "recipe": recipe.source, "probes": list(recipe.probes),
             "options": options.key_json()}
     if options.budgets == "corpus" and budgets is None:
         raise ValueError("corpus budgets are part of the keys: pass them")
-    if options.budgets == "document" and options.budget is not None:
-        base["corpus"] = [d.sha256 for d in documents]
+    if (options.budgets == "document" and options.budget is not None) or options.quant == "rvq":
+        base["corpus"] = [d.sha256 for d in documents]  # RVQ: codebooks learned on all of it
     keys, previous = [], ""
     for i, d in enumerate(documents):
         context = previous if options.context == "chained" else ""
@@ -209,14 +248,24 @@ class _Compiler:
         self.rotaries = rotaries(self.model)  # per layer; the compiler's KV stacks all layers
         self.device, self.dtype = lm.device, lm.dtype
         self.scorer = options.make_scorer()
-        self.codec = get_codec(options.codec)
+        self.codecs = options.codecs(self.layers, self.head_dim)
         self.probe = torch.tensor(tk.probe_ids, dtype=torch.long, device=self.device)
         self.seconds = {"prefill": 0.0, "score": 0.0}
 
     def stored(self, kv: RaggedKV) -> RaggedKV:
-        """Post-RoPE KV as the pack stores it: keys un-rotated, both through the codec."""
-        keys = unrotate(kv, self.rotaries)
-        return kv.replace(keys=self.codec.roundtrip(keys), values=self.codec.roundtrip(kv.values))
+        """Post-RoPE KV (one segment or the framing; layers stacked) as the pack stores it: keys
+        un-rotated, both through each layer's codecs (a run per head: groups stay in it)."""
+        kv = kv.replace(keys=unrotate(kv, self.rotaries))
+        if not self.codecs[0][0].per_run:
+            return kv  # codebooks learned on the whole corpus at write time: context sees the rows unquantised
+        layers = kv.split(self.layers)
+        if all(c == self.codecs[0] for c in self.codecs):
+            layers = [kv]  # one call for every layer
+        keys, values = [], []
+        for (kc, vc), part in zip(self.codecs, layers):
+            keys.append(kc.roundtrip(part.keys, part.lengths))
+            values.append(vc.roundtrip(part.values, part.lengths))
+        return kv.replace(keys=torch.cat(keys), values=torch.cat(values))
 
     def attendable(self, seg: RaggedKV, origin: int) -> RaggedKV:
         """A stored segment as later tokens attend to it, placed exactly as a pack is loaded

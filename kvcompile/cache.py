@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import padding_bias, uses_kernel
+from .encoded import EncodedKV
 from .ragged import RaggedKV
 
 _GROW = 256  # new-token slots added when a buffer is full (amortises the copy)
@@ -34,7 +35,7 @@ class PackLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, prefix: RaggedKV, start: int, capture_queries: int = 0, capacity: int = 0):
+    def __init__(self, prefix: RaggedKV | EncodedKV, start: int, capture_queries: int = 0, capacity: int = 0):
         super().__init__()
         self.prefix = prefix
         self.start = start
@@ -42,10 +43,23 @@ class PackLayer(CacheLayerMixin):
         self.queries: torch.Tensor | None = None
         self.capacity = capacity
         self.length = 0
-        self.pad = None if uses_kernel(prefix.keys.device) else prefix.max_len
+        self.pad = None if uses_kernel(prefix.device) else prefix.max_len
         self.buffer: torch.Tensor | None = None
-        self.dtype, self.device = prefix.keys.dtype, prefix.keys.device
+        self._rows: RaggedKV | None = None
+        self.dtype, self.device = prefix.dtype, prefix.device
         self.is_initialized = True
+
+    def rows(self) -> RaggedKV:
+        """The prefix as dense rows. A quantised prefix (:class:`~kvcompile.encoded.EncodedKV`)
+        is decoded: once per question where the prefix is padded into the buffer anyway
+        (the reference path), and on every call where the kernel reads the rows (CUDA), so
+        that only one layer is ever dense."""
+        if self._rows is not None:
+            return self._rows
+        rows = self.prefix.materialise()
+        if self.pad is not None:
+            self._rows = rows
+        return rows
 
     @property
     def num_heads(self) -> int:
@@ -58,10 +72,11 @@ class PackLayer(CacheLayerMixin):
         pad, p = self.pad or 0, self.prefix
         capacity = max(need, self.capacity, 2 * (self.buffer.shape[3] - pad) if self.buffer is not None else 0)
         width = p.head_dim + (self.pad is not None)
-        buffer = p.keys.new_zeros(2, batch, p.heads, pad + capacity, width)
+        buffer = torch.zeros(2, batch, p.heads, pad + capacity, width, dtype=self.dtype, device=self.device)
         if self.buffer is not None:
             buffer[..., : pad + self.length, :] = self.buffer[..., : pad + self.length, :]
         elif pad:  # the prefix, gathered once per question and padded to its longest head
+            p = self.rows()
             index, valid = p.padded_index()
             buffer[0, :, :, :pad, :-1] = p.keys[index]
             buffer[1, :, :, :pad, :-1] = p.values[index]
@@ -131,13 +146,14 @@ class PackLayer(CacheLayerMixin):
 class PackCache(Cache):
     """The cache of one question (or, at build time, one chunk) over a compressed prefix.
 
-    prefixes: one :class:`RaggedKV` per layer, post-RoPE, on the model's device.
+    prefixes: one :class:`RaggedKV` per layer, post-RoPE, on the model's device (or an
+        :class:`~kvcompile.encoded.EncodedKV`: a quantised pack's layer, decoded per use).
     start: the position of the first appended token (where a question would have stood
         after the full corpus).
     capacity: new tokens to make room for up front (more are added as needed).
     """
 
-    def __init__(self, prefixes: list[RaggedKV], start: int, capture_queries: int = 0, capacity: int = 0):
+    def __init__(self, prefixes: list[RaggedKV | EncodedKV], start: int, capture_queries: int = 0, capacity: int = 0):
         super().__init__(layers=[PackLayer(p, start, capture_queries, capacity) for p in prefixes])
         self.start = start
 

@@ -83,7 +83,11 @@ def build(
     reuse: Optional[Path] = typer.Option(None, "--reuse", help="Reuse unchanged segments of this pack (default: the existing --output)."),
     check: bool = typer.Option(False, "--check", help="Exit 0 if the pack is up to date, 1 (listing what is stale) if not; builds nothing, loads no model weights."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be reused, recompiled, added and dropped; build nothing."),
-    dtype: str = typer.Option("fp16", "--dtype", help="Storage codec: fp16, bf16 or fp32."),
+    dtype: str = typer.Option("fp16", "--dtype", help="Storage of what is not quantised: fp16, bf16 or fp32."),
+    quant: str = typer.Option("none", "--quant", help="Quantise what is kept: int8, int4, int3, int2 (KIVI groups: keys per channel, values per token); kvmix (bits per layer from gradient profiling; more for the top 20% of layers); or rvq (residual vector quantisation, codebooks learned on this corpus; any edit recompiles every document). Default none."),
+    quant_group: int = typer.Option(32, "--quant-group", help="With --quant: tokens per key group and channels per value group."),
+    rvq_depth: int = typer.Option(4, "--rvq-depth", help="With --quant rvq: residual levels (one byte each) per sub-vector of --quant-group channels."),
+    quant_outliers: Optional[float] = typer.Option(None, "--quant-outliers", help="With --quant: the share of each head's rows (per document) that quantise worst, stored exactly in fp16 (default: 0; kvmix 0.1)."),
     text_field: str = typer.Option("text", "--text-field", help="Column holding the text in .jsonl/.json/.csv/.parquet files."),
     max_file_mib: int = typer.Option(64, "--max-file-mib", min=1, help="Skip corpus files larger than this (MiB)."),
     device: Optional[str] = DeviceOpt,
@@ -113,12 +117,14 @@ def build(
             sinks=sinks if sinks is not None else defaults.get("sinks", 4),
             scorer=scorer,
             codec=dtype,
+            quant=quant,
+            quant_group=quant_group,
+            quant_outliers=quant_outliers,
+            rvq_depth=rvq_depth,
         )
         options.context, options.budgets = context, budgets
-        options.validate()
-        from .codecs import get_codec
-
-        get_codec(options.codec), options.make_scorer()  # fail on bad names before loading a model
+        options.validate()  # bad codec and quant names fail before a model is loaded
+        options.make_scorer()
         if n_auto:
             check_scorer(options.make_scorer())
         if check or dry_run:
@@ -269,7 +275,7 @@ def inspect(
                 "path": p.path, "version": h["version"], "model": h["model"], "recipe": h["recipe"]["name"],
                 "options": h["options"], "documents": documents, "cache_tokens": full, "kept": kept,
                 "kept_share": sum(map(sum, kept)) / (full * len(kept) * len(kept[0])), "bytes": sizes,
-                "heads": heads_total(p),
+                "heads": heads_total(p), "storage": p.storage(),
             }
             if view:
                 info["framing"] = {k: v for k, v in view.framing.to_json().items() if k != "path"}
@@ -296,14 +302,27 @@ def inspect(
         if len(manifest) > 20:
             docs.add_row(f"... {len(manifest) - 20} more", "", "", "", *[""] * len(spans))
         out.print(docs)
+        storage = p.storage()
+        quantised = "quant" in o
         shown = min(len(kept[0]), 16)  # wider models: the first 16 heads, and every layer's share
         more = [f"+{len(kept[0]) - shown} heads"] if shown < len(kept[0]) else []
-        heads = Table("layer", *[f"head {i}" for i in range(shown)], *more, "kept", box=None, pad_edge=False)
+        bits = ["K bits", "V bits"] if quantised else []
+        heads = Table("layer", *[f"head {i}" for i in range(shown)], *more, "kept", *bits, box=None, pad_edge=False)
         for li, row in enumerate(kept[:64]):
-            heads.add_row(str(li), *map(str, row[:shown]), *["..."] * len(more), f"{sum(row) / (full * len(row)):.1%}")
+            stored = [str(storage["layers"][li][part].get("bits", "-")) for part in ("keys", "values")]
+            heads.add_row(str(li), *map(str, row[:shown]), *["..."] * len(more), f"{sum(row) / (full * len(row)):.1%}",
+                          *(stored if quantised else []))
         if len(kept) > 64:
-            heads.add_row(f"... {len(kept) - 64} more layers", *[""] * (shown + len(more) + 1))
+            heads.add_row(f"... {len(kept) - 64} more layers", *[""] * (shown + len(more) + 1 + len(bits)))
         out.print(heads)
+        if quantised:
+            described = "; ".join(f"{part} {_codec_text([layer[part] for layer in storage['layers']])}"
+                                  for part in ("keys", "values"))
+            per_row = storage["bytes_per_row"]
+            out.print(f"quant     {_show(o['quant']['name'])}: {described}", soft_wrap=True)
+            out.print(f"          bytes per kept token and head: keys {per_row['keys']:.1f}, values "
+                      f"{per_row['values']:.1f} (fp16: {storage['fp16_bytes_per_row']} each), with scales and zeros"
+                      + (f"; codebooks {_mib(storage['codebook_bytes'])}" if storage["codebook_bytes"] else ""))
         share = sum(map(sum, kept)) / (full * len(kept) * len(kept[0]))
         parts = ", ".join(f"{k} {_mib(sizes[k])}" for k in ("keys", "values", "positions", "manifest", "header") if sizes[k])
         out.print(f"tokens    kept {share:.1%} of {full} per layer and head")
@@ -312,6 +331,22 @@ def inspect(
                   f"token (int32: 4)")
         out.print(f"vs full   fp16 full cache {_mib(sizes['full_fp16'])}: pack is {sizes['ratio_vs_full_fp16']:.1%} of it "
                   f"({1 / sizes['ratio_vs_full_fp16']:.1f}x smaller)")
+
+
+def _codec_text(parts: list[dict]) -> str:
+    """``int4 per channel over 32 tokens`` from the codec entries of one part in every layer
+    (bits given as a range with their mean when layers differ, as kvmix's do)."""
+    part = parts[0]
+    if part["codec"] == "rvq":
+        return (f"rvq depth {part['depth']}, codebooks of {part['size']} x {part['group']} channels"
+                + (" (interleaved)" if part["interleave"] else ""))
+    if part["codec"] != "int":
+        return part["codec"]
+    bits = [p.get("bits", 0) for p in parts]
+    width = f"int{bits[0]}" if len(set(bits)) == 1 else \
+        f"{min(bits)}-{max(bits)} bits (mean {sum(bits) / len(bits):.2f})"
+    over = "tokens" if part["per"] == "channel" else "channels"
+    return f"{width} per {part['per']} over {part['group']} {over}"
 
 
 @app.command()
@@ -364,6 +399,7 @@ def eval_(
     corpus: List[Path] = typer.Option([], "--corpus", "-c", help="The corpus the packs were built from (for the baselines and --sweep; not needed with --dataset)."),
     baselines: str = typer.Option("full,rag,none", "--baselines", help="Comma-separated: full, rag, none ('' for none)."),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="Also build and evaluate packs at these kept ratios, e.g. 0.5,0.25,0.1."),
+    quant: str = typer.Option("none", "--quant", help="With --sweep: build each ratio with these codecs, e.g. none,int4,kvmix (quantised packs are compared with the fp16 pack of their ratio)."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Recipe for --sweep builds (default: qa)."),
     questions: Optional[int] = typer.Option(None, "--questions", "-n", help="Ask only the first N questions."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Longest generated answer, in tokens."),
@@ -423,15 +459,19 @@ def eval_(
         opened = [load(p) for p in packs or []]
         lm = load_model(model or (opened[0].model["name"] if opened else None), device=device, progress=not quiet)
         recipe = load_recipe(task or "qa")
+        quants = [q.strip() for q in quant.split(",") if q.strip()] or ["none"]
+        for q in quants:
+            BuildOptions(quant=q).validate()
         for r in ratios:
             if documents is None:
                 raise OptionError("--sweep builds packs from the corpus: give --corpus DIR or --dataset")
-            path = work / "packs" / f"{recipe.name}-{r:g}.kvpack"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not quiet:
-                err.print(f"building {_show(path)} at ratio {r:g}")
-            run_build(corpus, path, lm, recipe, BuildOptions(ratio=r))
-            opened.append(load(path))
+            for q in quants:
+                path = work / "packs" / f"{recipe.name}-{r:g}{'' if q == 'none' else '-' + q}.kvpack"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not quiet:
+                    err.print(f"building {_show(path)} at ratio {r:g}" + ("" if q == "none" else f", {q}"))
+                run_build(corpus, path, lm, recipe, BuildOptions(ratio=r, quant=q))
+                opened.append(load(path))
         makers = plan(lm, opened, documents, recipe, wanted, rag_chunk)
         with _question_bar(quiet, len(makers) * len(qas)) as step:
             results = evaluate(makers, qas, lm.device, max_new_tokens, step)

@@ -16,13 +16,14 @@ import torch
 
 from . import schema
 from .cache import PackCache
-from .codecs import codec_for_pack
+from .codecs import Codec, codec_from_entry
 from .container import Container
+from .encoded import EncodedKV, EncodedPart
 from .errors import ModelMismatchError, PackError
 from .format import FORMAT_VERSION, decode_positions, unzstd
 from .framing import Framing
 from .models import LoadedModel, load_model
-from .ragged import RaggedKV
+from .ragged import RaggedKV, head_offsets, runs
 from .rope import place, rotaries
 
 
@@ -34,17 +35,19 @@ class Pack:
         self.container = c = Container(self.path)
         self.header = h = self._read_header()
         self._tensors: dict[str, torch.Tensor] = {}
+        self._runs: dict[int, list[int]] = {}
         try:
             self._check_structure()
+            self.positions = decode_positions(  # per layer [N]
+                unzstd(self._tensor(self.layout["positions"]).numpy(), 4 * sum(map(sum, self.kept)), "positions",
+                       self.path),
+                self.kept, self.layout["tokens"], self.path)
+            self._check_parts()
         except schema.SchemaError as e:
             raise PackError(f"{self.path}: corrupt pack (header field {e}): rebuild it") from None
         if verify:
             for name in c.entries:
                 self._tensor(name)
-        self.positions = decode_positions(  # per layer [N]
-            unzstd(self._tensor(self.layout["positions"]).numpy(), 4 * sum(map(sum, self.kept)), "positions",
-                   self.path),
-            self.kept, self.layout["tokens"], self.path)
         self._manifest = self._read_manifest()
         self.head_dim = h["model"]["head_dim"]
 
@@ -101,7 +104,7 @@ class Pack:
         every rule that the schema's per-field types cannot express."""
         h, m, cache, c = self.header, self.model, self.layout, self.container
         fail = schema.SchemaError
-        layers, heads, head_dim = m["num_layers"], m["num_kv_heads"], m["head_dim"]
+        layers, heads = m["num_layers"], m["num_kv_heads"]
         if layers * heads > schema.MAX_HEADS_TOTAL:
             raise fail("model", f"{layers} layers x {heads} KV heads is more than {schema.MAX_HEADS_TOTAL} heads")
         if m["num_heads"] % heads:
@@ -129,17 +132,34 @@ class Pack:
             raise fail("cache.kept", f"a head keeps more than the cache's {cache['tokens']} tokens")
         if len(cache["layers"]) != layers:
             raise fail("cache.layers", f"expected {layers} layer entries, found {len(cache['layers'])}")
-        known = {cache["positions"]: "positions", corpus["manifest"]: "manifest"}
-        for name in known:
+        for name in (cache["positions"], corpus["manifest"]):
             if name not in c or c.entries[name][0] != "U8" or len(c.entries[name][1]) != 1:
                 raise fail(f"tensor {name!r}", "missing or not a 1-D U8 tensor")
+        if set(h["checksums"]) != set(c.entries):
+            odd = sorted(set(h["checksums"]) ^ set(c.entries))[0]
+            raise fail("checksums", f"does not list exactly the pack's tensors ({odd!r})")
+        # A manifest is a few hundred bytes per document, and a document's KV is more: a
+        # manifest larger than the whole file is a decompression bomb, not a corpus.
+        if corpus["manifest_size"] > c.size:
+            raise fail("corpus.manifest_size", f"{corpus['manifest_size']} bytes, more than the whole pack")
+        self._check_segments()
+
+    def _check_parts(self) -> None:
+        """Every layer's tensors against its codec's layout for the layer's runs (which need
+        the decoded positions), and every tensor accounted for."""
+        h, cache, c, fail = self.header, self.layout, self.container, schema.SchemaError
+        head_dim, corpus = self.model["head_dim"], h["corpus"]
+        known = {cache["positions"]: "positions", corpus["manifest"]: "manifest"}
         payload = {"keys": 0, "values": 0, "positions": c.nbytes(cache["positions"]),
                    "manifest": c.nbytes(corpus["manifest"])}
         for li, entry in enumerate(cache["layers"]):
             for part in ("keys", "values"):
-                codec = codec_for_pack(entry[part]["codec"])
+                codec = codec_from_entry(entry[part], f"{self.path}: cache.layers[{li}].{part}")
                 names = entry[part]["tensors"]
-                expected = codec.layout(sum(kept[li]), head_dim)
+                try:
+                    expected = codec.layout(self.runs(li), head_dim)
+                except ValueError as e:
+                    raise fail(f"cache.layers[{li}].{part}", str(e)) from None
                 if set(names) != set(expected):
                     raise fail(f"cache.layers[{li}].{part}.tensors",
                                f"codec {codec.name} needs tensors {sorted(expected)}, found {sorted(names)}")
@@ -159,16 +179,8 @@ class Pack:
             if name not in known:
                 raise PackError(f"{self.path}: pack holds tensor {name!r}, which this kvcompile does not know: "
                                 "upgrade kvcompile")
-        if set(h["checksums"]) != set(c.entries):
-            odd = sorted(set(h["checksums"]) ^ set(c.entries))[0]
-            raise fail("checksums", f"does not list exactly the pack's tensors ({odd!r})")
         if h["payload_bytes"] != payload:
             raise fail("payload_bytes", f"{h['payload_bytes']} does not match the tensors ({payload})")
-        # A manifest is a few hundred bytes per document, and a document's KV is more: a
-        # manifest larger than the whole file is a decompression bomb, not a corpus.
-        if corpus["manifest_size"] > c.size:
-            raise fail("corpus.manifest_size", f"{corpus['manifest_size']} bytes, more than the whole pack")
-        self._check_segments()
 
     def _check_segments(self) -> None:
         """Segments tile the corpus in order, and list every document once, in order."""
@@ -216,14 +228,26 @@ class Pack:
 
     # -- contents ----------------------------------------------------------------------
 
+    def runs(self, li: int) -> list[int]:
+        """Layer ``li``'s runs (:meth:`RaggedKV.runs`): rows per (KV head, framing or segment)."""
+        if li not in self._runs:
+            n_prefix = self.layout["tokens"] - self.header["corpus"]["tokens"]
+            starts = [n_prefix + seg["tokens"][0] for seg in self.header["segments"]]
+            self._runs[li] = runs(self.positions[li], self.kept[li], starts)
+        return self._runs[li]
+
+    def encoded(self, li: int, part: str) -> tuple[Codec, dict[str, torch.Tensor], list[int]]:
+        """Layer ``li``'s ``part`` as stored: its codec, its tensors by role (CPU), its runs."""
+        entry = self.layout["layers"][li][part]
+        return (codec_from_entry(entry, f"{self.path}: cache.layers[{li}].{part}"),
+                {r: self._tensor(n) for r, n in entry["tensors"].items()}, self.runs(li))
+
     def layer(self, li: int) -> RaggedKV:
-        """Layer ``li`` as stored: pre-RoPE keys, values, positions; on the CPU."""
+        """Layer ``li`` as stored, decoded: pre-RoPE keys, values, positions; on the CPU."""
         parts = []
         for part in ("keys", "values"):
-            entry = self.layout["layers"][li][part]
-            codec = codec_for_pack(entry["codec"])
-            parts.append(codec.decode({r: self._tensor(n) for r, n in entry["tensors"].items()},
-                                      sum(self.kept[li]), self.head_dim))
+            codec, tensors, runs = self.encoded(li, part)
+            parts.append(codec.decode(tensors, runs, self.head_dim))
         return RaggedKV.from_rows(parts[0], parts[1], self.positions[li], self.kept[li])
 
     def manifest(self) -> list[dict]:
@@ -260,14 +284,28 @@ class Pack:
                 raise ModelMismatchError(f"{self.path}: corrupt pack (model.{key} is {self.model[key]}, but "
                                          f"{lm.name!r} has {value}): rebuild it")
 
-    def place(self, lm: LoadedModel) -> list[RaggedKV]:
+    def place(self, lm: LoadedModel) -> list[RaggedKV | EncodedKV]:
         """The pack's KV made attendable on ``lm``'s device and dtype, one layer at a time:
         each layer's keys rotated to their stored positions in one call for all heads.
-        Questions start at ``question_position``. Refuses another model than the pack's."""
+        Questions start at ``question_position``. Refuses another model than the pack's.
+
+        Quantised layers stay encoded on the device (:class:`~kvcompile.encoded.EncodedKV`,
+        decoded per use), except those with a sliding window, which are decoded here so
+        that the rows no question can see are dropped."""
         self.check_model(lm)
         per_layer = rotaries(lm.model) if self.model["rope"] else [None] * len(self.kept)
-        return [place(self.visible(li, lm.capability.windows[li]), [per_layer[li]], lm.device, lm.dtype)
-                for li in range(len(self.kept))]
+        out: list[RaggedKV | EncodedKV] = []
+        for li in range(len(self.kept)):
+            window = lm.capability.windows[li]
+            parts = [self.encoded(li, part) for part in ("keys", "values")]
+            if window is None and all(codec.quantised for codec, _, _ in parts):
+                keys, values = (EncodedPart.place(*p, self.head_dim, lm.device) for p in parts)
+                out.append(EncodedKV(keys, values, self.positions[li].to(lm.device),
+                                     head_offsets(self.kept[li], lm.device), tuple(self.kept[li]), per_layer[li],
+                                     lm.dtype))
+            else:
+                out.append(place(self.visible(li, window), [per_layer[li]], lm.device, lm.dtype))
+        return out
 
     def visible(self, li: int, window: int | None) -> RaggedKV:
         """Layer ``li`` without the rows no question or answer token can see: with a sliding
@@ -299,6 +337,25 @@ class Pack:
         return Session(self, model)
 
     # -- sizes -------------------------------------------------------------------------
+
+    def storage(self) -> dict:
+        """How keys and values are stored: each layer's codecs with their parameters and bytes,
+        the bytes per kept row (one token of one layer and KV head; codebooks included)
+        against fp16's, and the bytes of codebooks."""
+        c, rows = self.container, max(1, sum(map(sum, self.kept)))
+        layers, total = [], {"keys": 0, "values": 0}
+        for entry in self.layout["layers"]:
+            layer = {}
+            for part in ("keys", "values"):
+                e = entry[part]
+                nbytes = sum(c.nbytes(n) for n in e["tensors"].values())
+                layer[part] = {**{k: v for k, v in e.items() if k != "tensors"}, "bytes": nbytes}
+                total[part] += nbytes
+            layers.append(layer)
+        codebooks = sum(c.nbytes(n) for entry in self.layout["layers"] for part in ("keys", "values")
+                        for role, n in entry[part]["tensors"].items() if role == "codebooks")
+        return {"layers": layers, "bytes_per_row": {part: n / rows for part, n in total.items()},
+                "fp16_bytes_per_row": 2 * self.model["head_dim"], "codebook_bytes": codebooks}
 
     def sizes(self) -> dict:
         """Bytes by part, and the fp16 full cache it replaces."""

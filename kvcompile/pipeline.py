@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .builder import BuildOptions, check_fits, compile_corpus, document_ids, plan_budgets, segment_keys, tokenize
 from .corpus import MAX_FILE_BYTES, Skipped, read_corpus
+from .kvmix import layer_bits, recorded_bits
 from .models import LoadedModel, ModelIdentity
 from .probes import AutoProbes, Probing, check_scorer
 from .rebuild import RebuildPlan, output_lock, plan_rebuild
@@ -60,6 +61,7 @@ def _match(paths, model, recipe, options, previous, text_field, max_file_bytes,
     Under ``corpus`` budgets the keys hold budgets that only a survey with the model's
     weights can tell; until then each unchanged document is assumed to keep its previous
     budget (:meth:`RebuildPlan.previous_budgets`), which is exact when nothing changed.
+    Likewise kvmix's bits per layer, which a profile with the weights decides.
     """
     options.validate()
     documents, skipped = read_corpus(paths, text_field=text_field, max_file_bytes=max_file_bytes)
@@ -67,16 +69,25 @@ def _match(paths, model, recipe, options, previous, text_field, max_file_bytes,
         check_scorer(options.make_scorer())
         recipe = probing.resolve(documents, recipe)
 
-    def keys(budgets=None):
+    def keys_for(options, budgets=None):
         return segment_keys(documents, model.fingerprint, recipe, options, budgets)
 
-    if options.budgets == "document":
-        return plan_rebuild(documents, keys(), previous, model.fingerprint), skipped
-    rebuild = plan_rebuild(documents, keys([None] * len(documents)), previous, model.fingerprint)
-    rebuild.match(keys(rebuild.previous_budgets()), model.fingerprint)
-    if not rebuild.up_to_date:
-        rebuild.caveat = ("budgets are shared by the whole corpus: the build surveys it again and also recompiles "
-                          "documents whose budget moves")
+    corpus_budgets = options.budgets == "corpus"
+    rebuild = plan_rebuild(documents, keys_for(options, [None] * len(documents) if corpus_budgets else None),
+                           previous, model.fingerprint)
+    caveats = []
+    if options.quant == "kvmix" and options.layer_bits is None:
+        # The bits come from a profile of the corpus; until the build profiles it again,
+        # assume the previous pack's (exact when nothing changed).
+        options = replace(options, layer_bits=recorded_bits(rebuild.pack.header) if rebuild.pack else None)
+        caveats.append("kvmix profiles the corpus again: if a layer's bits move, every document is recompiled")
+    if corpus_budgets:
+        caveats.append("budgets are shared by the whole corpus: the build surveys it again and also recompiles "
+                       "documents whose budget moves")
+    if caveats:
+        rebuild.match(keys_for(options, rebuild.previous_budgets() if corpus_budgets else None), model.fingerprint)
+        if not rebuild.up_to_date:
+            rebuild.caveat = "; ".join(caveats)
     return rebuild, skipped
 
 
@@ -122,13 +133,18 @@ def build(
         documents = rebuild.documents
         tk = tokenize(documents, recipe, lm)
         check_fits(tk, options, lm)
+        rematch = False
+        if options.quant == "kvmix" and options.layer_bits is None:
+            options = replace(options, layer_bits=layer_bits(tk, lm))
+            rematch = True
         if options.budgets == "corpus" and rebuild.up_to_date:  # the same corpus: the survey would agree
             budgets, survey_s = rebuild.previous_budgets(), 0.0
         else:
             budgets, survey_s = plan_budgets(tk, options, lm)
-            if options.budgets == "corpus":
-                rebuild.match(segment_keys(documents, lm.fingerprint, recipe, options, budgets), lm.fingerprint)
-                rebuild.caveat = None  # the survey has spoken
+            rematch = rematch or options.budgets == "corpus"
+        if rematch:
+            rebuild.match(segment_keys(documents, lm.fingerprint, recipe, options, budgets), lm.fingerprint)
+            rebuild.caveat = None  # the survey and the profile have spoken
         _verify(rebuild, lm, lambda d: len(tk.doc_ids[d]))  # the build's own tokens: no second pass
         reused = rebuild.pack.segments(sorted(set(rebuild.reuse.values()))) if rebuild.reuse else {}
         t1 = time.perf_counter()
@@ -138,7 +154,8 @@ def build(
         compiled.seconds["survey"] = survey_s
         t2 = time.perf_counter()
         tensors, header = pack_tensors_and_header(compiled, documents, lm, recipe, options,
-                                                  auto_probes=probing and probing.probes)
+                                                  auto_probes=probing and probing.probes,
+                                                  reused=(rebuild.pack, rebuild.reuse) if rebuild.reuse else None)
         size = write_pack(output, tensors, header)
         if progress:
             progress("write", 1, 1)

@@ -30,7 +30,8 @@ from typing import Sequence
 import torch
 
 
-def _offsets(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+def head_offsets(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``[heads + 1]`` the prefix sums of ``lengths`` (int64, on ``device``)."""
     # Built on the host and copied: only where no device-side counts exist (reading a pack).
     out = [0]
     for n in lengths:
@@ -38,8 +39,43 @@ def _offsets(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64).to(device)
 
 
+def runs(positions: torch.Tensor, lengths: Sequence[int], boundaries: Sequence[int]) -> list[int]:
+    """Rows per (head, bin), head-major, zeros included: ``heads x (len(boundaries) + 1)``.
+
+    ``positions [N]`` of rows grouped by head (``lengths[h]`` rows each), sorted within a
+    head. Bin ``b`` holds positions in ``[boundaries[b - 1], boundaries[b])`` (bin 0 all
+    before ``boundaries[0]``). With a pack's segment starts as boundaries, a run is one
+    head's rows of the framing or of one segment: a contiguous block of rows. Codecs
+    never group across runs.
+    """
+    bins, heads = len(boundaries) + 1, len(lengths)
+    edges = torch.tensor(list(boundaries), dtype=torch.int64, device=positions.device)
+    head = torch.repeat_interleave(torch.arange(heads, device=positions.device),
+                                   torch.tensor(list(lengths), device=positions.device), output_size=positions.numel())
+    index = head * bins + torch.searchsorted(edges, positions, right=True)
+    return torch.bincount(index, minlength=heads * bins).tolist()
+
+
+class HeadLengths:
+    """The shape of per-head ragged rows, from ``lengths`` (one count per KV head)."""
+
+    lengths: tuple[int, ...]
+
+    @property
+    def heads(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths, default=0)
+
+
 @dataclass(frozen=True, eq=False)
-class RaggedKV:
+class RaggedKV(HeadLengths):
     """One layer's KV with per-head lengths (see the module docstring for shapes)."""
 
     keys: torch.Tensor
@@ -59,7 +95,7 @@ class RaggedKV:
         saves a blocking host-to-device copy).
         """
         lengths = tuple(int(n) for n in lengths)
-        return cls(keys, values, positions, _offsets(lengths, keys.device) if offsets is None else offsets, lengths)
+        return cls(keys, values, positions, head_offsets(lengths, keys.device) if offsets is None else offsets, lengths)
 
     @classmethod
     def empty(cls, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str) -> RaggedKV:
@@ -125,20 +161,20 @@ class RaggedKV:
     # -- shape -----------------------------------------------------------------------
 
     @property
-    def heads(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def rows(self) -> int:
-        return sum(self.lengths)
-
-    @property
-    def max_len(self) -> int:
-        return max(self.lengths, default=0)
-
-    @property
     def head_dim(self) -> int:
         return self.keys.shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    def materialise(self) -> RaggedKV:
+        """Itself: the rows attention reads (as :meth:`EncodedKV.materialise` gives them)."""
+        return self
 
     @cached_property
     def _head_ids(self) -> torch.Tensor:
@@ -168,6 +204,10 @@ class RaggedKV:
         """``[N]`` each row's index within its head (the column of :meth:`padded_index`)."""
         head = self.head_ids()
         return torch.arange(self.rows, device=self.keys.device) - self.offsets[head]
+
+    def runs(self, boundaries: Sequence[int]) -> list[int]:
+        """Rows per (head, bin), head-major: :func:`runs` of this layer's rows."""
+        return runs(self.positions, self.lengths, boundaries)
 
     def head_counts(self, mask: torch.Tensor) -> torch.Tensor:
         """``[kv_heads]`` how many rows of each head ``mask [N]`` selects (on the device)."""

@@ -340,7 +340,8 @@ HEADER = Obj({
         "context": Str(choices=("chained", "independent")),
         "codec": Obj({"name": Str(max_len=64)}, extra=SCALAR),
         "auto_probes": Int(1, 4096),  # build --auto-probes N
-    }, optional=frozenset({"auto_probes"})),
+        "quant": Obj({"name": Str(max_len=64)}, extra=SCALAR),  # build --quant (format 1.2), when not none
+    }, optional=frozenset({"auto_probes", "quant"})),
     "framing": Obj({
         "template": Str(choices=("chat", "plain")),
         "prefix_ids": List(Int(), max_len=1 << 20),

@@ -16,11 +16,12 @@ import torch
 
 from . import __version__
 from .builder import BuildOptions, Compiled, segment_keys
-from .codecs import get_codec
+from .codecs import copy_runs
 from .container import tensor_bytes, write_container
 from .corpus import Document
 from .errors import OptionError
 from .format import FORMAT_VERSION, encode_positions, zstd_frame
+from .kvmix import DEFAULTS as KVMIX
 from .models import LoadedModel
 from .recipe import Recipe
 from .rope import rotaries
@@ -43,22 +44,31 @@ def model_identity(lm: LoadedModel) -> dict:
 
 def pack_tensors_and_header(
     compiled: Compiled, documents: list[Document], lm: LoadedModel, recipe: Recipe, options: BuildOptions,
-    auto_probes=None,
+    auto_probes=None, reused=None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Everything a pack holds: its tensors and its header (format spec, section 2).
 
     ``auto_probes``: the :class:`~kvcompile.probes.AutoProbes` written from the corpus
     (already among ``recipe``'s probes), recorded as ``recipe.auto_probes`` and
-    ``options.auto_probes``.
+    ``options.auto_probes``. ``reused``: ``(previous pack, {document: its segment})`` for
+    the segments copied from a previous pack, whose encoded bytes are copied as they are
+    (decoding and encoding again need not give the same bytes).
     """
     tk = compiled.tokenized
-    codec = get_codec(options.codec)
+    cap = lm.capability
+    codecs = options.codecs(cap.num_layers, cap.head_dim)
+    starts = [len(tk.prefix_ids)]
+    for ids in tk.doc_ids[:-1]:
+        starts.append(starts[-1] + len(ids))
     tensors: dict[str, torch.Tensor] = {}
     layer_entries = []
-    for li, layer in enumerate(compiled.layers):
-        entry = {}
-        for part, rows in (("keys", layer.keys), ("values", layer.values)):
-            named = codec.encode(rows)
+    for li, (layer, part_codecs) in enumerate(zip(compiled.layers, codecs)):
+        entry, runs = {}, layer.runs(starts)
+        for part, rows, codec in (("keys", layer.keys, part_codecs[0]), ("values", layer.values, part_codecs[1])):
+            codec = codec.fit(rows.shape[0], rows.shape[1])
+            named = {role: t.cpu() for role, t in codec.encode(rows, runs).items()}
+            if reused:
+                _copy_reused(named, codec, runs, len(starts) + 1, reused, li, part)
             names = {role: f"layers.{li}.{part}" + ("" if role == "data" else f".{role}") for role in named}
             tensors.update({names[role]: t for role, t in named.items()})
             entry[part] = {"codec": codec.name, **codec.params(), "tensors": names}
@@ -92,7 +102,7 @@ def pack_tensors_and_header(
             "selection": {"head_floor": options.head_floor, "budgets": options.budgets,
                           "doc_floor": options.doc_floor},
             "context": options.context,
-            "codec": {"name": codec.name, **codec.params()},
+            "codec": {"name": options.codec},
         },
         "framing": tk.framing.to_json(),
         "corpus": {"documents": len(documents), "tokens": tk.corpus_tokens, "manifest": "manifest",
@@ -105,10 +115,30 @@ def pack_tensors_and_header(
         "payload_bytes": {"keys": part_bytes("keys"), "values": part_bytes("values"),
                           "positions": tensors["positions"].numel(), "manifest": tensors["manifest"].numel()},
     }
+    if options.quant != "none":
+        header["options"]["quant"] = {"name": options.quant, "group": options.quant_group,
+                                      **(KVMIX if options.quant == "kvmix" else {}), "outliers": options.outliers}
     if auto_probes is not None:
         header["recipe"]["auto_probes"] = auto_probes.to_json()
         header["options"]["auto_probes"] = auto_probes.n
     return tensors, header
+
+
+def _copy_reused(named: dict[str, torch.Tensor], codec, runs: list[int], bins: int, reused, li: int,
+                 part: str) -> None:
+    """Put the previous pack's encoded blocks of every reused segment into ``named`` (layer
+    ``li``'s ``part``, runs as :meth:`RaggedKV.runs` gives them, ``bins`` per head)."""
+    pack, docs = reused
+    old_codec, old, old_runs = pack.encoded(li, part)
+    if old_codec != codec:
+        raise ValueError(f"segments reused from a pack with codec {old_codec.params()}, not {codec.params()}")
+    if not codec.per_run:  # keys cover the whole corpus (segment_keys): every segment was reused
+        named.update(old)
+        return
+    old_bins = len(old_runs) // pack.model["num_kv_heads"]
+    pairs = [(h * bins + d + 1, h * old_bins + j + 1) for d, j in docs.items()
+             for h in range(pack.model["num_kv_heads"])]
+    copy_runs(codec, named, runs, old, old_runs, pairs)
 
 
 def check_output(path: str | os.PathLike) -> None:

@@ -33,7 +33,9 @@ if os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules and
 triton = pytest.importorskip("triton")
 
 from kvcompile.kernels import attention as attn  # noqa: E402
+from kvcompile.kernels import dequant as dequant_mod  # noqa: E402
 from kvcompile.kernels import rope as rope_mod  # noqa: E402
+from kvcompile.kernels import rvq as rvq_mod  # noqa: E402
 from triton.runtime import JITFunction  # noqa: E402
 
 # True when this process's triton (library and our kernels) runs in the interpreter.
@@ -321,6 +323,57 @@ def test_rope_invalid_inputs_raise():
         rope_mod.rope(x, torch.randn(4, 32), torch.randn(4, 32))  # R > D
     with pytest.raises(ValueError):
         rope_mod.rope(x, torch.randn(3, 8), torch.randn(3, 8))  # rows differ
+
+
+# ----------------------------------------------------------------------------- dequantisation
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("per, group", [("channel", 32), ("channel", 3), ("token", 8), ("token", 16)])
+@pytest.mark.parametrize("head_dim", [16, 64, 80])  # 80: not a power of two
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_matches_reference_and_codec(bits, per, group, head_dim, dtype):
+    from kvcompile.codecs import make_codec
+    from kvcompile.codecs.integer import row_groups
+
+    if per == "token" and head_dim % group:
+        pytest.skip("a value group must divide head_dim")
+    runs = [7, 0, 45, 1, 12]  # ragged runs: empty, single-row, partial groups
+    codec = make_codec("int", bits=bits, per=per, group=group)
+    g = torch.Generator().manual_seed(bits * head_dim + group)
+    x = torch.randn(sum(runs), head_dim, generator=g) * 3 + torch.randn(head_dim, generator=g) * 5
+    encoded = codec.encode(x, runs)
+    groups = row_groups(runs, group)[0].to(torch.int32) if per == "channel" else None
+    args = (encoded["codes"], encoded["scales"], encoded["zeros"], groups, bits, 0 if per == "channel" else group,
+            head_dim, dtype)
+    out = dequant_mod.dequantize(*args)
+    ref = dequant_mod.dequantize_reference(*args)
+    assert out.shape == (sum(runs), head_dim) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(ref.float(), codec.decode(encoded, runs, head_dim).to(dtype).float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("depth, size, group, head_dim", [(1, 4, 8, 16), (4, 16, 32, 64), (3, 8, 16, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rvq_decode_matches_reference_and_codec(interleave, depth, size, group, head_dim, dtype):
+    from kvcompile.codecs import make_codec
+
+    codec = make_codec("rvq", depth=depth, size=size, group=group, interleave=interleave)
+    g = torch.Generator().manual_seed(depth * head_dim)
+    x = torch.randn(77, head_dim, generator=g) * 2
+    e = codec.encode(x, [77])
+    args = (e["codes"], e["codebooks"], e["scales"], interleave, head_dim, dtype)
+    out, ref = rvq_mod.rvq_decode(*args), rvq_mod.rvq_decode_reference(*args)
+    assert out.shape == (77, head_dim) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(ref.float(), codec.decode(e, [77], head_dim).to(dtype).float(), **TOLERANCE[dtype])
+
+
+def test_dequantize_of_nothing_is_empty():
+    out = dequant_mod.dequantize(torch.empty(0, 8, dtype=torch.uint8), torch.empty(0, 2, dtype=torch.float16),
+                                 torch.empty(0, 2, dtype=torch.float16), None, 4, 8, 16, torch.float16)
+    assert out.shape == (0, 16)
 
 
 # ----------------------------------------------------------------------------- packaging

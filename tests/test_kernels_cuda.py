@@ -198,3 +198,35 @@ def test_window_softcap_and_sinks_bf16(kernels, features, q_len, t):
     sinks = torch.randn(inputs["query"].shape[1], generator=g, device=DEVICE) if features.get("sinks") else None
     check(attention, {**inputs, "prefix_positions": positions, "start": start, "window": features.get("window"),
                       "softcap": features.get("softcap"), "sinks": sinks})
+
+
+@pytest.mark.parametrize("bits, per", [(4, "channel"), (2, "token"), (3, "channel"), (8, "token")])
+def test_dequantize_realistic(kernels, bits, per):
+    """40k rows of head_dim 128 (a layer of 8 KV heads at 5k rows each), against the reference."""
+    from kvcompile.kernels import dequant
+
+    from kvcompile.codecs import make_codec
+    from kvcompile.codecs.integer import row_groups
+
+    runs = [5000 + 17 * h for h in range(8)]
+    codec = make_codec("int", bits=bits, per=per, group=32)
+    x = torch.randn(sum(runs), 128, generator=torch.Generator().manual_seed(bits)) * 4
+    e = {k: v.to(DEVICE) for k, v in codec.encode(x, runs).items()}
+    groups = row_groups(runs, 32, DEVICE)[0].to(torch.int32) if per == "channel" else None
+    args = (e["codes"], e["scales"], e["zeros"], groups, bits, 0 if per == "channel" else 32, 128, torch.bfloat16)
+    torch.testing.assert_close(dequant.dequantize(*args).float(), dequant.dequantize_reference(*args).float(),
+                               atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rvq_decode_realistic(kernels, interleave):
+    from kvcompile.kernels import rvq
+
+    from kvcompile.codecs import make_codec
+
+    codec = make_codec("rvq", depth=4, size=256, group=32, interleave=interleave)
+    x = torch.randn(20000, 128, generator=torch.Generator().manual_seed(1))
+    e = {k: v.to(DEVICE) for k, v in codec.encode(x, [20000]).items()}
+    args = (e["codes"], e["codebooks"], e["scales"], interleave, 128, torch.bfloat16)
+    torch.testing.assert_close(rvq.rvq_decode(*args).float(), rvq.rvq_decode_reference(*args).float(),
+                               atol=2e-2, rtol=2e-2)

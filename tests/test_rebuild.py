@@ -30,21 +30,24 @@ def corpus50(tmp_path):
     return root
 
 
-def opts(context: str) -> BuildOptions:
-    return BuildOptions(ratio=0.5, chunk_size=64, context=context)
+def opts(context: str, quant: str = "none") -> BuildOptions:
+    return BuildOptions(ratio=0.5, chunk_size=64, context=context, quant=quant, quant_group=4)
 
 
-@pytest.mark.parametrize("context, recompiled", [("independent", 1), ("chained", 50 - 17)])
+@pytest.mark.parametrize("context, recompiled, quant", [
+    ("independent", 1, "none"), ("chained", 50 - 17, "none"),
+    # quantised segments are copied as encoded bytes (never decoded and encoded again)
+    ("independent", 1, "int3"), ("chained", 50 - 17, "int2")])
 def test_one_edit_recompiles_what_the_mode_requires_and_matches_a_clean_build(
-        tiny_lm, corpus50, tmp_path, context, recompiled):
+        tiny_lm, corpus50, tmp_path, context, recompiled, quant):
     pack = tmp_path / "p.kvpack"
-    first = build([corpus50], pack, tiny_lm, QA, opts(context))
+    first = build([corpus50], pack, tiny_lm, QA, opts(context, quant))
     assert first.plan.counts() == {"reused": 0, "recompiled": 0, "added": 50, "dropped": 0}
     (corpus50 / "doc17.txt").write_text("Document 17 was rewritten: the lamp moved to town 3.", encoding="utf-8")
-    again = build([corpus50], pack, tiny_lm, QA, opts(context))
+    again = build([corpus50], pack, tiny_lm, QA, opts(context, quant))
     assert again.plan.counts() == {"reused": 50 - recompiled, "recompiled": recompiled, "added": 0, "dropped": 0}
     clean = tmp_path / "clean.kvpack"
-    build([corpus50], clean, tiny_lm, QA, opts(context))
+    build([corpus50], clean, tiny_lm, QA, opts(context, quant))
     assert pack.read_bytes() == clean.read_bytes()
 
 

@@ -122,6 +122,14 @@ def test_eval_results_carry_the_se_and_compare_with_the_pack_at_the_same_ratio()
             "se": pytest.approx(math.sqrt(0.12)), "questions": 3} in doc["comparisons"]
 
 
+def test_a_quantised_pack_is_compared_with_the_fp16_pack_of_its_ratio():
+    results = eval_results() + [result("kvcompile[int4]@0.25", "pack", 0.249, B)]
+    fill_gain_kept(results)
+    vs = report.comparisons(results)
+    assert vs["kvcompile[int4]@0.25"][0] == "kvcompile@0.25"
+    assert vs["rag@0.25"][0] == "kvcompile@0.25"  # never the quantised one
+
+
 def test_an_unknown_eval_reference_compares_nothing_and_says_so():
     from rich.console import Console
 

@@ -87,8 +87,9 @@ def pack_method(pack, lm: LoadedModel) -> SessionMethod:
     ratio = mean_kept(pack) / pack.layout["tokens"]
     o = pack.header["options"]
     label = f"{o['ratio']:g}" if o.get("ratio") is not None else f"{o['budget']}tok"
+    quant = f"[{o['quant']['name']}]" if "quant" in o else ""  # codec and selection side by side
     sizes = pack.sizes()
-    return SessionMethod(session, f"kvcompile@{label}", "pack", ratio,
+    return SessionMethod(session, f"kvcompile{quant}@{label}", "pack", ratio,
                          kv_bytes=sizes["keys"] + sizes["values"] + sizes["positions"],
                          setup_seconds=time.perf_counter() - t0)
 

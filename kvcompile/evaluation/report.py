@@ -19,15 +19,17 @@ def ordered(results: list[MethodResult]) -> list[MethodResult]:
 
 def references(results: list[MethodResult], reference: str | None = None) -> dict[str, MethodResult]:
     """The method each result is compared with: ``reference`` (a method name) for all the others,
-    or by default the pack (``kvcompile@...``) whose kept ratio is nearest, within 0.01, for each
-    method that is neither a baseline without a budget (full, none) nor a pack itself."""
+    or by default the unquantised pack (``kvcompile@...``) whose kept ratio is nearest, within
+    0.01, for each method that is neither a baseline without a budget (full, none) nor an
+    unquantised pack itself (a quantised pack, ``kvcompile[int4]@...``, is compared with it)."""
     if reference is not None:  # a name that is not a method's compares nothing (the table says so)
         ref = next((r for r in results if r.name == reference), None)
         return {} if ref is None else {r.name: ref for r in results if r is not ref}
-    packs = [r for r in results if r.kind == "pack" and r.ratio is not None]
+    packs = [r for r in results if r.kind == "pack" and r.ratio is not None and r.name.startswith("kvcompile@")]
     refs = {}
     for r in results:
-        if r.kind in ("pack", "full", "none") or r.ratio is None or not packs:
+        quantised = r.kind == "pack" and r.name.startswith("kvcompile[")  # against the fp16 pack of its ratio
+        if (r.kind in ("pack", "full", "none") and not quantised) or r.ratio is None or not packs:
             continue
         near = min(packs, key=lambda p: abs(p.ratio - r.ratio))
         if abs(near.ratio - r.ratio) < 0.01:
