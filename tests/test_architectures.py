@@ -243,3 +243,28 @@ def test_window_layers_load_only_the_rows_a_question_can_see(tiny_corpus, tmp_pa
     heads = len(pack.kept[1])
     assert placed[1].rows == heads * (WINDOW - 1)  # layer 1: the last window - 1 positions of each head
     assert int(placed[1].positions.min()) == pack.question_position - WINDOW + 1
+
+
+QUANTISED = ["llama-llama3", "mistral-window", "gemma3_text-local-global-rope", "smollm3-no-rope-layer",
+             "gpt_neox-partial-rotary", "gpt2-absolute-positions", "cohere-interleaved-rope"]
+
+
+@pytest.mark.parametrize("arch, overrides", [pytest.param(a, o, id=i) for i, a, o in EXACT if i in QUANTISED])
+def test_int8_keys_are_placed_as_float_keys_on_every_kind_of_position(arch, overrides, tiny_corpus, tmp_path):
+    """Quantised keys are stored before RoPE and rotated when decoded, whatever the model's
+    rotary (scaled, partial, interleaved, per layer type, none) or window: every token kept,
+    each layer's decoded, placed keys are the float pack's up to int8's error."""
+    lm = load_model(str(make_tiny_model(tmp_path / arch, arch=arch, **overrides)), device="cpu", progress=False)
+    placed = {}
+    for quant in ("none", "int8"):
+        path = tmp_path / f"{quant}.kvpack"
+        build([tiny_corpus], path, lm, load_recipe("qa"), BuildOptions(ratio=1.0, chunk_size=64, codec="fp32",
+                                                                      quant=quant, quant_group=8))
+        pack = kvcompile.load(path)
+        placed[quant] = [layer.materialise() for layer in pack.place(lm)]
+        logits = pack.session(lm).first_token_logits(QUESTION)
+        assert torch.isfinite(logits).all()
+    for ref, got in zip(placed["none"], placed["int8"]):
+        assert torch.equal(ref.positions, got.positions)
+        for a, b in ((ref.keys, got.keys), (ref.values, got.values)):
+            assert (b - a).norm() <= 0.01 * a.norm()
