@@ -66,9 +66,12 @@ def pack_tensors_and_header(
         entry, runs = {}, layer.runs(starts)
         for part, rows, codec in (("keys", layer.keys, part_codecs[0]), ("values", layer.values, part_codecs[1])):
             codec = codec.fit(rows.shape[0], rows.shape[1])
-            named = {role: t.cpu() for role, t in codec.encode(rows, runs).items()}
-            if reused:
-                _copy_reused(named, codec, runs, len(starts) + 1, reused, li, part)
+            if reused and not codec.per_run:  # keys cover the whole corpus (segment_keys): all of it was reused
+                named = dict(_previous(codec, reused, li, part)[0])
+            else:
+                named = {role: t.cpu() for role, t in codec.encode(rows, runs).items()}
+                if reused:
+                    _copy_reused(named, codec, runs, len(starts) + 1, reused, li, part)
             names = {role: f"layers.{li}.{part}" + ("" if role == "data" else f".{role}") for role in named}
             tensors.update({names[role]: t for role, t in named.items()})
             entry[part] = {"codec": codec.name, **codec.params(), "tensors": names}
@@ -129,16 +132,20 @@ def _copy_reused(named: dict[str, torch.Tensor], codec, runs: list[int], bins: i
     """Put the previous pack's encoded blocks of every reused segment into ``named`` (layer
     ``li``'s ``part``, runs as :meth:`RaggedKV.runs` gives them, ``bins`` per head)."""
     pack, docs = reused
-    old_codec, old, old_runs = pack.encoded(li, part)
-    if old_codec != codec:
-        raise ValueError(f"segments reused from a pack with codec {old_codec.params()}, not {codec.params()}")
-    if not codec.per_run:  # keys cover the whole corpus (segment_keys): every segment was reused
-        named.update(old)
-        return
+    old, old_runs = _previous(codec, reused, li, part)
     old_bins = len(old_runs) // pack.model["num_kv_heads"]
     pairs = [(h * bins + d + 1, h * old_bins + j + 1) for d, j in docs.items()
              for h in range(pack.model["num_kv_heads"])]
     copy_runs(codec, named, runs, old, old_runs, pairs)
+
+
+def _previous(codec, reused, li: int, part: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Layer ``li``'s ``part`` in the previous pack: its tensors and runs (its codec must be ``codec``,
+    as the segment keys that matched cover every option)."""
+    old_codec, old, old_runs = reused[0].encoded(li, part)
+    if old_codec != codec:
+        raise ValueError(f"segments reused from a pack with codec {old_codec.params()}, not {codec.params()}")
+    return old, old_runs
 
 
 def check_output(path: str | os.PathLike) -> None:

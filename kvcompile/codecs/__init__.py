@@ -133,7 +133,7 @@ def codec_from_entry(entry: dict, where: str = "codec") -> Codec:
     parameters are a corrupt pack (PackError naming ``where``)."""
     name = entry["codec"]
     if name not in CODECS:
-        raise PackError(f"pack uses codec {name!r}, which this kvcompile does not know: upgrade kvcompile")
+        raise PackError(f"{where}: pack uses codec {name!r}, which this kvcompile does not know: upgrade kvcompile")
     params = {k: v for k, v in entry.items() if k not in ("codec", "tensors")}
     try:
         return CODECS[name](**params)
