@@ -52,7 +52,8 @@ class BuildOptions:
     quant_group: int = 32  # tokens per key group, channels per value group
     layer_bits: list | None = None  # kvmix: (key bits, value bits) per layer, from the profile (kvmix.py)
     quant_outliers: float | None = None  # share of each run's rows stored exactly; None: the quant's default
-    rvq_depth: int = 4  # rvq: residual levels (8-bit codes) per sub-vector of quant_group channels
+    rvq_depth: int = 2  # rvq: residual levels (8-bit codes) per sub-vector
+    rvq_group: int = 8  # rvq: channels per sub-vector (8 and depth 2: 2 bits per value, as int2)
     head_floor: float = 0.2
     context: str = "chained"  # what each document is compiled after: "independent" or "chained"
     budgets: str = "document"  # how documents share the budget: "document" or "corpus" (budgets.py)
@@ -84,6 +85,8 @@ class BuildOptions:
             raise OptionError(f"--quant-group must be in [1, 4096], got {self.quant_group}")
         if not 1 <= self.rvq_depth <= 16:
             raise OptionError(f"--rvq-depth must be in [1, 16], got {self.rvq_depth}")
+        if not 1 <= self.rvq_group <= 256:
+            raise OptionError(f"--rvq-group must be in [1, 256], got {self.rvq_group}")
         if self.quant_outliers is not None and not 0 <= self.quant_outliers <= 1:
             raise OptionError(f"--quant-outliers must be a share in [0, 1], got {self.quant_outliers}")
 
@@ -105,7 +108,8 @@ class BuildOptions:
         else:
             b = int(self.quant[3:]) if self.quant.startswith("int") else 16
             bits = [(b, b)] * layers
-        return layer_codecs(self.quant, self.codec, head_dim, self.quant_group, bits, self.outliers)
+        group = self.rvq_group if self.quant == "rvq" else self.quant_group
+        return layer_codecs(self.quant, self.codec, head_dim, group, bits, self.outliers)
 
     def make_scorer(self) -> Scorer:
         if self.scorer == "stride" and self.ratio is None:
@@ -129,7 +133,7 @@ class BuildOptions:
         if self.quant == "none":
             del d["quant"], d["quant_group"], d["layer_bits"], d["quant_outliers"]
         if self.quant != "rvq":
-            del d["rvq_depth"]
+            del d["rvq_depth"], d["rvq_group"]
         return d
 
 

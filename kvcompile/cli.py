@@ -86,7 +86,8 @@ def build(
     dtype: str = typer.Option("fp16", "--dtype", help="Storage of what is not quantised: fp16, bf16 or fp32."),
     quant: str = typer.Option("none", "--quant", help="Quantise what is kept: int8, int4, int3, int2 (KIVI groups: keys per channel, values per token); kvmix (bits per layer from gradient profiling; more for the top 20% of layers); or rvq (residual vector quantisation, codebooks learned on this corpus; any edit recompiles every document). Default none."),
     quant_group: int = typer.Option(32, "--quant-group", help="With --quant: tokens per key group and channels per value group."),
-    rvq_depth: int = typer.Option(4, "--rvq-depth", help="With --quant rvq: residual levels (one byte each) per sub-vector of --quant-group channels."),
+    rvq_depth: int = typer.Option(2, "--rvq-depth", help="With --quant rvq: residual levels (one byte each) per sub-vector."),
+    rvq_group: int = typer.Option(8, "--rvq-group", help="With --quant rvq: channels per sub-vector (default 8: with depth 2, 2 bits per value)."),
     quant_outliers: Optional[float] = typer.Option(None, "--quant-outliers", help="With --quant: the share of each head's rows (per document) that quantise worst, stored exactly in fp16 (default: 0; kvmix 0.1)."),
     text_field: str = typer.Option("text", "--text-field", help="Column holding the text in .jsonl/.json/.csv/.parquet files."),
     max_file_mib: int = typer.Option(64, "--max-file-mib", min=1, help="Skip corpus files larger than this (MiB)."),
@@ -121,6 +122,7 @@ def build(
             quant_group=quant_group,
             quant_outliers=quant_outliers,
             rvq_depth=rvq_depth,
+            rvq_group=rvq_group,
         )
         options.context, options.budgets = context, budgets
         options.validate()  # bad codec and quant names fail before a model is loaded
