@@ -124,9 +124,10 @@ class BuildOptions:
         return d
 
     def key_json(self) -> dict:
-        """The options as segment keys cover them: :meth:`to_json`, less the corpus-budget fields
-        under ``document`` budgets, where they change nothing (so that packs written before
-        they existed stay reusable)."""
+        """The options as segment keys cover them: :meth:`to_json`, less the fields that change
+        nothing where they are off (corpus budgets under ``document`` budgets, quantisation
+        without ``--quant``, RVQ's without ``rvq``), so that packs written before they
+        existed stay reusable."""
         d = self.to_json()
         if self.budgets == "document":
             del d["budgets"], d["doc_floor"]

@@ -205,11 +205,14 @@ class IntCodec(Codec):
         codes = unpack_bits(tensors["codes"], self.bits_, head_dim)
         return self.put_outliers(self._dequantize(codes, runs, tensors["scales"], tensors["zeros"]), tensors, runs)
 
-    def put_outliers(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], runs: Sequence[int]) -> torch.Tensor:
-        """``x [N, D]`` (dequantised rows) with the rows stored exactly put in place (in place)."""
+    def put_outliers(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], runs: Sequence[int],
+                     check: bool = True) -> torch.Tensor:
+        """``x [N, D]`` (dequantised rows) with the rows stored exactly put in place (in place).
+        ``check``: validate their indices first (a host sync; skip where that was done once)."""
         if not self.outliers:
             return x
-        self.check_values(tensors, runs)
+        if check:
+            self.check_values(tensors, runs)
         local, run, r = self._outlier_runs(tensors, runs)
         x[(torch.cumsum(r, 0) - r)[run] + local] = tensors["outliers"].to(x.dtype)
         return x
