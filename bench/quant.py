@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -56,10 +57,6 @@ from kvcompile.session import Session  # noqa: E402
 QUANTS = ("fp16", "int8", "int4", "int3", "int2", "kvmix", "rvq")  # each alone, every token kept
 STACKED = ("fp16", "int4", "int2", "kvmix", "rvq")  # on task-aware selection
 PRESSES = ("snapkv", "knorm")
-
-
-def full_fp16_bytes(pack) -> int:
-    return pack.sizes()["full_fp16"]
 
 
 @torch.no_grad()
@@ -111,7 +108,7 @@ def run_corpus(spec: str, lm, recipe, ratios, quants, stacked, press_names, n_qu
         build_s[f"fp16@{r:g}"] = time.perf_counter() - t0
         log(f"  built the fp16 pack at {r:g} in {build_s[f'fp16@{r:g}']:.0f} s")
         pack = load(path)
-        full_bytes = full_fp16_bytes(pack)
+        full_bytes = pack.sizes()["full_fp16"]
         for q in (quants if r == 1 else stacked):
             name, _, share = q.partition("/")  # int2/0.05: with a share of rows stored exactly
             options = BuildOptions(ratio=r, quant="none" if name == "fp16" else name,
@@ -302,8 +299,6 @@ def main(argv=None) -> int:
     runs = []
     meta = {"model": lm.name, "device": f"CPU ({args.threads} thread)", "date": time.strftime("%Y-%m-%d"),
             "command": "python bench/quant.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="quant-") as tmp:
         for i, spec in enumerate(c.strip() for c in args.corpora.split(",") if c.strip()):
             log(f"{spec}:")

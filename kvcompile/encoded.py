@@ -66,7 +66,7 @@ class EncodedPart:
         c, t = self.codec, self.tensors
         kernels = _kernels() if t["codes"].is_cuda else None
         if kernels is not None and isinstance(c, IntCodec):
-            x = kernels[0](t["codes"], t["scales"], t["zeros"], self.groups, c.bits_,
+            x = kernels[0](t["codes"], t["scales"], t["zeros"], self.groups, c.bits,
                            c.group if c.per == "token" else 0, self.head_dim, dtype)
             return c.put_outliers(x, t, self.runs, check=False)  # checked by place: no sync per step
         if kernels is not None and isinstance(c, RVQCodec):

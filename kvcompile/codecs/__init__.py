@@ -70,10 +70,6 @@ class Codec(ABC):
         """This codec with the parameters it takes for ``rows`` rows (RVQ sizes its codebooks)."""
         return self
 
-    def bits(self, head_dim: int) -> float:
-        """Payload bits per value, before per-group parameters."""
-        return 16.0
-
     def units(self, role: str, run: int) -> int:
         """Rows of tensor ``role`` that encode a run of ``run`` rows. Every tensor is one block
         per run, in run order, so a run's encoding can be cut out or put back alone."""

@@ -63,15 +63,18 @@ def unpack_bits(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     return out
 
 
+def run_rows(runs: Sequence[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """``run [N]`` each row's run, ``first [R]`` each run's first row, ``r [R]`` the runs' lengths."""
+    r = torch.tensor(list(runs), dtype=torch.int64, device=device)
+    run = torch.repeat_interleave(torch.arange(len(r), device=device), r, output_size=int(sum(runs)))
+    return run, torch.cumsum(r, 0) - r, r
+
+
 def row_groups(runs: Sequence[int], group: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
     """``[N]`` each row's group for per-channel quantisation (groups of ``group`` rows, never
     across a run), and the number of groups."""
-    r = torch.tensor([n for n in runs if n], dtype=torch.int64, device=device)
-    if r.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device), 0
+    run, first_row, r = run_rows(runs, device)
     per_run = (r + group - 1) // group
-    run = torch.repeat_interleave(torch.arange(r.numel(), device=device), r)
-    first_row = torch.cumsum(r, 0) - r
     first_group = torch.cumsum(per_run, 0) - per_run
     within = torch.arange(run.numel(), device=device) - first_row[run]
     return first_group[run] + within // group, int(per_run.sum())
@@ -89,10 +92,10 @@ class IntCodec(Codec):
             raise ValueError(f"group must be an integer in [1, {MAX_GROUP}], got {group!r}")
         if type(outliers) not in (int, float) or not 0 <= outliers <= 1:
             raise ValueError(f"outliers must be a share in [0, 1], got {outliers!r}")
-        self.bits_, self.per, self.group, self.outliers = bits, per, group, float(outliers)
+        self.bits, self.per, self.group, self.outliers = bits, per, group, float(outliers)
 
     def params(self) -> dict:
-        out = {"bits": self.bits_, "per": self.per, "group": self.group}
+        out = {"bits": self.bits, "per": self.per, "group": self.group}
         if self.outliers:
             out["outliers"] = self.outliers
         return out
@@ -100,9 +103,6 @@ class IntCodec(Codec):
     @property
     def quantised(self) -> bool:
         return True
-
-    def bits(self, head_dim: int) -> float:
-        return float(self.bits_)
 
     def units(self, role: str, run: int) -> int:
         if role in ("outliers", "outlier_rows"):
@@ -123,21 +123,25 @@ class IntCodec(Codec):
         n = sum(runs)
         groups = (sum(self.units("scales", r) for r in runs), head_dim) if self.per == "channel" \
             else (n, head_dim // self.group)
-        out = {"codes": ("U8", (n, head_dim * self.bits_ // 8)), "scales": ("F16", groups), "zeros": ("F16", groups)}
+        out = {"codes": ("U8", (n, head_dim * self.bits // 8)), "scales": ("F16", groups), "zeros": ("F16", groups)}
         if self.outliers:
             k = sum(self.units("outliers", r) for r in runs)
             out.update({"outliers": ("F16", (k, head_dim)), "outlier_rows": ("I32", (k,))})
         return out
 
-    def _params(self, x: torch.Tensor, runs: Sequence[int],
+    def _groups(self, runs: Sequence[int], device) -> tuple[torch.Tensor, int] | None:
+        """Per-channel codes: :func:`row_groups` (computed once per encode or decode); else None."""
+        return row_groups(runs, self.group, device) if self.per == "channel" else None
+
+    def _params(self, x: torch.Tensor, groups: tuple[torch.Tensor, int] | None,
                 exact: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """fp16 ``scales``, ``zeros`` of ``x [N, D]`` (fp32), laid out as :meth:`layout` says;
         rows where ``exact [N]`` is true (stored exactly) do not count."""
-        levels = (1 << self.bits_) - 1
+        levels = (1 << self.bits) - 1
         low = x if exact is None else x.masked_fill(exact[:, None], math.inf)
         high = x if exact is None else x.masked_fill(exact[:, None], -math.inf)
-        if self.per == "channel":
-            gid, groups = row_groups(runs, self.group, x.device)
+        if groups is not None:
+            gid, groups = groups
             index = gid[:, None].expand_as(x)
             lo = x.new_zeros(groups, x.shape[1]).scatter_reduce_(0, index, low, "amin", include_self=False)
             hi = x.new_zeros(groups, x.shape[1]).scatter_reduce_(0, index, high, "amax", include_self=False)
@@ -151,21 +155,11 @@ class IntCodec(Codec):
             raise ValueError("values beyond fp16's range cannot be quantised: build without --quant")
         return scales, zeros
 
-    def _per_row(self, t: torch.Tensor, runs: Sequence[int], head_dim: int) -> torch.Tensor:
+    def _per_row(self, t: torch.Tensor, groups: tuple[torch.Tensor, int] | None) -> torch.Tensor:
         """Group parameters ``t`` broadcast to ``[N, D]`` (fp32)."""
-        if self.per == "channel":
-            return t.float()[row_groups(runs, self.group, t.device)[0]]
+        if groups is not None:
+            return t.float()[groups[0]]
         return t.float().repeat_interleave(self.group, dim=1)
-
-    def _codes(self, x: torch.Tensor, runs: Sequence[int], scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-        s, z = self._per_row(scales, runs, x.shape[1]), self._per_row(zeros, runs, x.shape[1])
-        q = torch.where(s > 0, torch.round((x - z) / torch.where(s > 0, s, 1.0)), 0.0)
-        return q.clamp(0, (1 << self.bits_) - 1).to(torch.uint8)
-
-    def _dequantize(self, codes: torch.Tensor, runs: Sequence[int], scales: torch.Tensor,
-                    zeros: torch.Tensor) -> torch.Tensor:
-        d = codes.shape[1]
-        return codes.float() * self._per_row(scales, runs, d) + self._per_row(zeros, runs, d)
 
     def _exact_rows(self, x: torch.Tensor, runs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each run's ``ceil(outliers x run)`` rows farthest (L2) from the run's mean row; ties
@@ -174,9 +168,7 @@ class IntCodec(Codec):
         so they are the ones to take out. Returns the mask ``[N]``, and their indices within
         their runs in row order."""
         dev = x.device
-        r = torch.tensor(list(runs), dtype=torch.int64, device=dev)
-        run = torch.repeat_interleave(torch.arange(len(runs), device=dev), r, output_size=x.shape[0])
-        first = torch.cumsum(r, 0) - r
+        run, first, r = run_rows(runs, dev)
         mean = x.new_zeros(len(runs), x.shape[1]).index_add_(0, run, x) / r.clamp_min(1)[:, None]
         error = (x - mean[run]).norm(dim=1)
         order = torch.sort(error, descending=True, stable=True).indices
@@ -192,18 +184,23 @@ class IntCodec(Codec):
         self.check(x.shape[1])
         x = x.detach().float()  # on its device: the compiler's round trip stays there; the writer's rows are on the CPU
         exact, local = self._exact_rows(x, runs) if self.outliers else (None, None)
-        scales, zeros = self._params(x, runs, exact)
-        codes = self._codes(x, runs, scales, zeros)
+        groups = self._groups(runs, x.device)
+        scales, zeros = self._params(x, groups, exact)
+        s, z = self._per_row(scales, groups), self._per_row(zeros, groups)
+        q = torch.where(s > 0, torch.round((x - z) / torch.where(s > 0, s, 1.0)), 0.0)
+        codes = q.clamp(0, (1 << self.bits) - 1).to(torch.uint8)
         out = {"scales": scales, "zeros": zeros}
         if exact is not None:
             codes[exact] = 0  # never read: the exact rows replace them
             out.update({"outliers": x[exact].to(torch.float16), "outlier_rows": local.to(torch.int32)})
-        out["codes"] = pack_bits(codes, self.bits_)
+        out["codes"] = pack_bits(codes, self.bits)
         return out
 
     def decode(self, tensors: dict[str, torch.Tensor], runs: Sequence[int], head_dim: int) -> torch.Tensor:
-        codes = unpack_bits(tensors["codes"], self.bits_, head_dim)
-        return self.put_outliers(self._dequantize(codes, runs, tensors["scales"], tensors["zeros"]), tensors, runs)
+        codes = unpack_bits(tensors["codes"], self.bits, head_dim).float()
+        groups = self._groups(runs, codes.device)
+        x = codes * self._per_row(tensors["scales"], groups) + self._per_row(tensors["zeros"], groups)
+        return self.put_outliers(x, tensors, runs)
 
     def put_outliers(self, x: torch.Tensor, tensors: dict[str, torch.Tensor], runs: Sequence[int],
                      check: bool = True) -> torch.Tensor:
@@ -214,7 +211,7 @@ class IntCodec(Codec):
         if check:
             self.check_values(tensors, runs)
         local, run, r = self._outlier_runs(tensors, runs)
-        x[(torch.cumsum(r, 0) - r)[run] + local] = tensors["outliers"].to(x.dtype)
+        x[(torch.cumsum(r, 0) - r)[run] + local] = tensors["outliers"].to(x.dtype)  # first row of each run + local
         return x
 
     def _outlier_runs(self, tensors: dict[str, torch.Tensor], runs: Sequence[int]):

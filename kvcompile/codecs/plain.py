@@ -21,9 +21,6 @@ class FloatCodec(Codec):
     def roundtrip(self, x: torch.Tensor, runs: Sequence[int] = ()) -> torch.Tensor:
         return x.to(self.dtype)  # on the device: a cast is the whole round trip
 
-    def bits(self, head_dim: int) -> float:
-        return 8.0 * self.dtype.itemsize
-
     def layout(self, runs: Sequence[int], head_dim: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {"data": (NAMES[self.dtype], (sum(runs), head_dim))}
 

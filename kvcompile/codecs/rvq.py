@@ -82,9 +82,6 @@ class RVQCodec(Codec):
     def per_run(self) -> bool:
         return False
 
-    def bits(self, head_dim: int) -> float:
-        return 8.0 * self.depth / self.group
-
     def check(self, head_dim: int) -> None:
         if head_dim % self.group:
             raise ValueError(f"a group of {self.group} channels does not divide head_dim {head_dim}")
