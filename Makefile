@@ -36,6 +36,9 @@ install-bench: install
 	# The peer library. --no-deps: it pins transformers<5.3, and the presses used run on 5.x (bench/peers.py checks
 	# them against kvpress's own hooks at start-up).
 	$(PIP) $(BENCH_PINS) --no-deps kvpress
+	# transformers' QuantizedCache backend, a reference point of bench/quant.py. --no-deps: it needs only torch,
+	# numpy and safetensors here (its ninja is for CUDA extensions).
+	$(PIP) $(BENCH_PINS) --no-deps optimum-quanto
 
 test: install
 	$(PY) -m pytest -q
@@ -65,6 +68,7 @@ bench: install-bench
 	$(PY) bench/run.py --out docs/benchmarks
 	$(PY) bench/rebuild.py --out docs/benchmarks/rebuild
 	$(PY) bench/runtime.py --out docs/benchmarks/runtime
+	$(PY) bench/decode_ops.py --out docs/benchmarks/runtime
 	$(PY) bench/quant.py --out docs/benchmarks/quant
 
 # Quantised packs (issue 13): each codec alone and stacked on selection, Qwen2.5-Coder-0.5B, 4 corpora x 30
@@ -76,6 +80,7 @@ bench-quant: install-bench
 # prefill), CPU decode and build times against a baseline revision (--baseline REV; 5-10 minutes on 2 cores).
 bench-runtime: install
 	$(PY) bench/runtime.py --out docs/benchmarks/runtime
+	$(PY) bench/decode_ops.py --out docs/benchmarks/runtime
 
 # GPU benchmark (issue 9), on a CUDA machine: a random Llama-3.1-8B-shaped model, SQuAD corpora of 32k and
 # 100k tokens, ratio 1/32 -> docs/benchmarks/gpu/. On the offline device machine, carry .device/ and run

@@ -532,11 +532,18 @@ def attention_bandwidth(session, lm, iters: int = 200, kernel_time: bool = False
     io_bytes = 2 * q.numel() * q.element_size()  # the query in, the output out
     calls = {"kvcompile_attention": lambda: entry(None, q, layer, layer, None, scaling=scaling)}
     calls_note = "not CUDA: the kernel is not called directly"
-    if A.uses_kernel(dev) and not encoded:
+    if A.uses_kernel(dev):
         from kvcompile.kernels.attention import ragged_attention as kernel
 
-        calls["kernel"] = lambda: kernel(q, prefix.keys, prefix.values, prefix.offsets, prefix.max_len,
-                                         layer.new_keys, layer.new_values, scaling)
+        def dense(p):
+            return kernel(q, p.keys, p.values, p.offsets, p.max_len, layer.new_keys, layer.new_values, scaling)
+
+        if not encoded:
+            calls["kernel"] = lambda: dense(prefix)
+        else:  # a quantised pack: the kernel over its codes against decoding the layer first
+            calls["decode_then_kernel"] = lambda: dense(prefix.materialise())
+            if prefix.attends_encoded:
+                calls["kernel_over_codes"] = lambda: prefix.attend(q, layer.new_keys, layer.new_values, scaling)
         calls_note = None
     out = {"status": "ok", "layer": 0, "prefix_rows": rows, "kv_bytes": kv_bytes,
            "bytes_per_call": kv_bytes + new_bytes + io_bytes, "iters": iters,
@@ -658,8 +665,8 @@ def run_size(lm, corpus: Corpus, args, tmp: Path, deadline: float, estimates: di
 
 def quantised_pack(lm, corpus: Corpus, args, tmp: Path, quant: str) -> dict:
     """Build, load and decode from a ``--quant`` pack at the same ratio: what stays on the device
-    (encoded), decode tokens/s, and layer 0's attention bandwidth over the encoded bytes
-    (decoded per call, then the attention kernel)."""
+    (encoded), decode tokens/s, and layer 0's attention over the encoded bytes: the kernel
+    that reads the codes, against decoding the layer first and running the dense kernel."""
     path = tmp / f"bench-{corpus.target}-{quant}.kvpack"
     built = build_pack(lm, corpus.folder, path, args.ratio, args.chunk_size, quant)
     holder: dict = {}
@@ -912,16 +919,20 @@ def markdown(data: dict) -> str:
                  if k.startswith("quant_") and v.get("status") == "ok"}
         if quant:
             fp16 = res["phases"].get("pack_load", {})
-            lines += ["", "| pack | KV on the device (MiB) | decode tok/s | layer-0 attention (GB/s of encoded KV) |",
-                      "|---|---|---|---|"]
+            lines += ["", "| pack | KV on the device (MiB) | decode tok/s | layer-0 attention (GB/s of encoded KV) "
+                      "| layer-0 attention, us per call: over codes / decoded first |", "|---|---|---|---|---|"]
             base = res["phases"].get("pack_decode", {}).get("decode_tokens_per_s")
             bw = res["phases"].get("attention_bandwidth", {})
             kv = fp16.get("device_kv_bytes")
-            lines.append(f"| fp16 | {fmt(kv / 2**20, 2) if kv else '-'} | {fmt(base)} | {fmt_bw(bw.get('GB_per_s'))} |")
+            lines.append(f"| fp16 | {fmt(kv / 2**20, 2) if kv else '-'} | {fmt(base)} | {fmt_bw(bw.get('GB_per_s'))} "
+                         "| - |")
             for name, q in quant.items():
+                us = [q["attention"].get("timings", {}).get(k, {}).get("seconds_per_call")
+                      for k in ("kernel_over_codes", "decode_then_kernel")]
                 lines.append(f"| {name} | {fmt(q['device_kv_bytes'] / 2**20, 2)} | "
                              f"{fmt(q['decode'].get('decode_tokens_per_s'))} | "
-                             f"{fmt_bw(q['attention'].get('GB_per_s'))} |")
+                             f"{fmt_bw(q['attention'].get('GB_per_s'))} | "
+                             + " / ".join(fmt(u * 1e6, 1) if u else "-" for u in us) + " |")
         for note in res.get("notes", []):
             lines.append(f"- {note}")
         lines.append("")

@@ -10,10 +10,12 @@ after the *quantised* rows of the documents before it, where here they saw fp16 
 ``--check-build`` measures that difference on real builds (``int4`` and ``kvmix`` at
 0.25 on the first corpus).
 
-References at the same questions: the full context, no context, and kvpress presses at
-fp16 (``bench/peers.py``'s captured path). Statistics as in ``bench/peers.py``: gain
-kept pooled over questions and corpora with delta-method standard errors, and paired
-differences against the fp16 pack at the same ratio.
+References at the same questions: the full context, no context, kvpress presses at
+fp16 (``bench/peers.py``'s captured path), and transformers' ``QuantizedCache`` (quanto
+backend, ``optimum-quanto``) over the full context: the corpus prefilled into it, its
+dequantised keys and values answered from (``--caches``, skipped where quanto is missing).
+Statistics as in ``bench/peers.py``: gain kept pooled over questions and corpora with
+delta-method standard errors, and paired differences against the fp16 pack at the same ratio.
 
     python bench/quant.py                  # 4 corpora x 30 questions, Qwen2.5-Coder-0.5B
     python bench/quant.py --corpora squad:14 --questions 5 --ratios 1,0.25
@@ -22,6 +24,7 @@ differences against the fp16 pack at the same ratio.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -39,6 +42,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from peers import DEFAULT_CORPORA, capture, compress, import_kvpress, presses  # noqa: E402
 
 from kvcompile.builder import BuildOptions, tokenize  # noqa: E402
+from kvcompile.cache import forward  # noqa: E402
 from kvcompile.corpus import read_corpus  # noqa: E402
 from kvcompile.data.synthetic import write_corpus  # noqa: E402
 from kvcompile.evaluation import answercache, stats  # noqa: E402
@@ -57,6 +61,7 @@ from kvcompile.session import Session  # noqa: E402
 QUANTS = ("fp16", "int8", "int4", "int3", "int2", "kvmix", "rvq")  # each alone, every token kept
 STACKED = ("fp16", "int4", "int2", "kvmix", "rvq")  # on task-aware selection
 PRESSES = ("snapkv", "knorm")
+CACHES = ("quanto:4", "quanto:2")  # transformers' QuantizedCache, backend:bits, at its defaults otherwise
 
 
 @torch.no_grad()
@@ -79,8 +84,36 @@ def encoded_kv(pack, lm, options: BuildOptions) -> tuple[list[RaggedKV], int]:
     return kv, nbytes
 
 
+def _stored_bytes(t) -> int:
+    """Bytes of a quanto tensor's parts: integer data as stored, floats (scales, shifts) at 2
+    bytes, as in an fp16 deployment whatever dtype this CPU run computes in."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_stored_bytes(getattr(t, n)) for n in names)
+    return t.numel() * (2 if t.is_floating_point() else t.element_size())
+
+
+@torch.no_grad()
+def quantized_cache_kv(lm, context: list[int], backend: str, nbits: int) -> tuple[list[RaggedKV], int]:
+    """The context prefilled into transformers' ``QuantizedCache`` (its defaults: groups of 64,
+    keys and values quantised along the same axis, after RoPE); each layer's dequantised rows
+    as a pack-shaped prefix, and the bytes of what the cache stores."""
+    from transformers import QuantizedCache
+
+    cache = QuantizedCache(backend=backend, config=lm.config, nbits=nbits)
+    forward(lm.model, torch.tensor([context], device=lm.device), cache, logits_to_keep=1)
+    kv, nbytes = [], 0
+    positions = torch.arange(len(context), device=lm.device)
+    for layer in cache.layers:
+        stored = (layer._quantized_keys, layer._quantized_values)
+        keys, values = (layer._dequantize(q)[0].to(lm.dtype) for q in stored)
+        nbytes += sum(_stored_bytes(q) for q in stored)
+        kv.append(RaggedKV.from_dense(keys, values, positions.expand(keys.shape[0], -1)))
+    return kv, nbytes
+
+
 def run_corpus(spec: str, lm, recipe, ratios, quants, stacked, press_names, n_questions, tmp: Path, log,
-               nll_cache: Path | None, check_build: bool) -> dict:
+               nll_cache: Path | None, check_build: bool, caches=()) -> dict:
     evalset = load_dataset(spec, questions=n_questions)
     folder = tmp / spec.replace(":", "_")
     write_corpus(evalset, folder)
@@ -144,6 +177,14 @@ def run_corpus(spec: str, lm, recipe, ratios, quants, stacked, press_names, n_qu
             kv = compress(press, lm, captured, len(context), r)
             return SessionMethod(Session.over(lm, tk.framing, kv, len(context)), f"{name}@{r:g}", "peer", r)
         makers += [partial(peer, name, r) for r in ratios if r < 1 for name in press_names]
+    for backend, nbits in caches:
+        def reference(backend=backend, nbits=nbits):
+            t = time.perf_counter()
+            kv, nbytes = quantized_cache_kv(lm, context, backend, nbits)
+            return SessionMethod(Session.over(lm, tk.framing, kv, len(context)),
+                                 f"QuantizedCache-{backend}-int{nbits}@1", "cache", 1.0, kv_bytes=nbytes,
+                                 setup_seconds=time.perf_counter() - t)
+        makers.append(reference)
     t0 = time.perf_counter()
     results = nlls_only(makers, qas)
     log(f"  {len(makers)} methods x {len(qas)} questions in {time.perf_counter() - t0:.0f} s")
@@ -244,8 +285,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for fam in families:
         pts = sorted((r["times_smaller"], r["gain_kept"]) for r in rows if r["method"].partition("@")[0] == fam)
         kind = next(r["kind"] for r in rows if r["method"].partition("@")[0] == fam)
-        ax.plot(*zip(*pts), marker="o" if kind == "pack" else "x", linestyle="-" if kind == "pack" else ":",
-                label=fam if kind == "pack" else f"{fam} (kvpress, fp16)")
+        label = {"pack": fam, "peer": f"{fam} (kvpress, fp16)", "cache": f"{fam} (transformers)"}[kind]
+        ax.plot(*zip(*pts), marker={"pack": "o", "peer": "x", "cache": "s"}[kind],
+                linestyle="-" if kind == "pack" else ":", label=label)
     ax.axvline(30, color="grey", linewidth=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("times smaller than the fp16 full cache")
@@ -265,6 +307,8 @@ def main(argv=None) -> int:
                     "with that share of rows stored exactly)")
     ap.add_argument("--stacked", default=",".join(STACKED), help="codecs at the ratios below 1")
     ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses at fp16 ('' for none)")
+    ap.add_argument("--caches", default=",".join(CACHES), help="transformers QuantizedCache references over the "
+                    "full context, backend:bits ('' for none; skipped where the backend is not installed)")
     ap.add_argument("--questions", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check-build", action="store_true", help="also build int4 and kvmix packs at 0.25 for real")
@@ -277,9 +321,7 @@ def main(argv=None) -> int:
 
     if args.merge:
         parts = [json.loads(p.read_text(encoding="utf-8")) for p in args.merge]
-        runs = [{**c, "results": [MethodResult(m["name"], m["kind"], m["ratio"], m["kv_bytes"], 0.0, 0.0, None,
-                                               m["rows"]) for m in c["methods"]]}
-                for part in parts for c in part["corpora"]]
+        runs = merge_runs([c for part in parts for c in part["corpora"]])
         meta = {k: parts[0][k] for k in ("model", "device", "date")}
         meta["command"] = " + ".join(part["command"] for part in parts)
         write(runs, meta, args.out)
@@ -294,6 +336,10 @@ def main(argv=None) -> int:
     press_names = [p for p in args.presses.split(",") if p.strip()]
     if press_names:
         import_kvpress()
+    caches = [(b, int(n)) for b, _, n in (c.partition(":") for c in args.caches.split(",") if c.strip())]
+    if caches and importlib.util.find_spec("optimum") is None:
+        print("optimum-quanto is not installed: no QuantizedCache references (make install-bench)", file=sys.stderr)
+        caches = []
     lm = load_model(args.model, device="cpu", progress=False)
     recipe = load_recipe("qa")
     runs = []
@@ -303,10 +349,32 @@ def main(argv=None) -> int:
         for i, spec in enumerate(c.strip() for c in args.corpora.split(",") if c.strip()):
             log(f"{spec}:")
             runs.append(run_corpus(spec, lm, recipe, ratios, quants, stacked, press_names, args.questions,
-                                   Path(tmp), log, answercache.default_folder(), args.check_build and i == 0))
+                                   Path(tmp), log, answercache.default_folder(), args.check_build and i == 0,
+                                   caches))
             write(runs, meta, args.out)  # after each corpus: a long run that stops early still reports
             log(f"wrote {args.out}/quant.{{md,json,png}}")
     return 0
+
+
+def merge_runs(corpora: list[dict]) -> list[dict]:
+    """Saved corpora (``quant.json``'s ``corpora``) as runs, one per corpus spec: a later run of
+    the same corpus adds its methods and replaces those of the same name (a rerun of one codec,
+    or references added on the same questions)."""
+    by_spec: dict[str, dict] = {}
+    for c in corpora:
+        run = by_spec.setdefault(c["spec"], {**c, "methods": {}})
+        run["build_s"] = {**run.get("build_s", {}), **c.get("build_s", {})}
+        run["kvmix_bits"] = c.get("kvmix_bits") or run.get("kvmix_bits")
+        for m in c["methods"]:
+            if m["kind"] in ("full", "none"):
+                m = {**m, "name": m["kind"]}
+            old = run["methods"].get(m["name"])
+            if old is not None and [r["id"] for r in old["rows"]] != [r["id"] for r in m["rows"]]:
+                raise SystemExit(f"{c['spec']}: {m['name']} was measured on other questions; cannot merge")
+            run["methods"][m["name"]] = m
+    return [{**{k: v for k, v in run.items() if k != "methods"},
+             "results": [MethodResult(m["name"], m["kind"], m["ratio"], m["kv_bytes"], 0.0, 0.0, None, m["rows"])
+                         for m in run["methods"].values()]} for run in by_spec.values()]
 
 
 def write(runs: list[dict], meta: dict, out: Path) -> None:

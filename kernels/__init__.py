@@ -9,11 +9,15 @@
   (``rotate_half`` convention, partial rotary), one launch per layer.
 - :func:`dequantize` (``dequant.py``): bit-unpack and dequantise a quantised pack's rows
   (integer codes, fp16 scales and zeros per channel group or per row group) to ``[N, D]``.
+- :func:`quant_attention` (``quant_attention.py``): the same attention over a prefix that stays
+  integer-coded (:class:`QuantRows`): codes dequantised, exact rows put in place and keys rotated
+  to their positions in registers, per block of keys; nothing dense is written.
 - :func:`rvq_decode` (``rvq.py``): residual-VQ rows, the gather-sum of their codewords times
   their scale, to ``[N, D]``.
 
 Each kernel sits next to its plain PyTorch reference (:func:`ragged_attention_reference`,
-:func:`rope_reference`, :func:`dequantize_reference`, :func:`rvq_decode_reference`), which is
+:func:`rope_reference`, :func:`dequantize_reference`, :func:`quant_attention_reference`,
+:func:`rvq_decode_reference`), which is
 the spec: ``tests/test_kernels.py`` compares them on CPU under
 ``TRITON_INTERPRET=1`` and ``tests/test_kernels_cuda.py`` on a GPU.
 
@@ -34,6 +38,9 @@ _EXPORTS = {
     "rope_reference": "rope",
     "dequantize": "dequant",
     "dequantize_reference": "dequant",
+    "QuantRows": "quant_attention",
+    "quant_attention": "quant_attention",
+    "quant_attention_reference": "quant_attention",
     "rvq_decode": "rvq",
     "rvq_decode_reference": "rvq",
 }

@@ -29,6 +29,7 @@ otherwise it writes the unnormalised partial (acc, max, sum) to fp32 scratch and
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -162,6 +163,67 @@ def _store_out(out, out_ptr, b, tok, qh, row_ok, H, q_len, GROUP: tl.constexpr, 
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _query_tile(q_ptr, stride_qb, stride_qh, stride_qi, H, q_len,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    """This program's tile: batch ``b``, KV head ``h``, rows ``offs_m`` (query token ``tok`` of
+    query head ``qh``), ``row_ok``, and the queries ``q [BLOCK_M, D]``."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64 bases: batch/head offsets of big buffers pass 2**31
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < q_len * GROUP
+    tok = offs_m // GROUP
+    qh = h * GROUP + offs_m % GROUP
+    q = tl.load(
+        q_ptr + b * stride_qb + qh[:, None] * stride_qh + tok[:, None] * stride_qi + tl.arange(0, HEAD_DIM)[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    return b, h, offs_m, row_ok, tok, qh, q
+
+
+@triton.jit
+def _split_range(offsets_ptr, h, q_len, t, num_splits, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Head ``h``'s first prefix row and length ``n``, and this split's share ``[lo, hi)`` of the
+    virtual sequence ``[prefix (n) | new tokens the tile can see]``."""
+    m_total = q_len * GROUP
+    p_start = tl.load(offsets_ptr + h).to(tl.int64)
+    n = (tl.load(offsets_ptr + h + 1) - p_start).to(tl.int32)
+    # New tokens the tile's last query may see; later ones are masked for every row, so skip them.
+    last_tok = (tl.minimum(tl.program_id(0) * BLOCK_M + BLOCK_M, m_total) - 1) // GROUP
+    t_vis = tl.minimum(tl.maximum(t - q_len + last_tok + 1, 0), t)
+    # Whole blocks per split, so only the last block of each part needs a tail mask.
+    total = n + t_vis
+    chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+    lo = tl.program_id(2) * chunk
+    return p_start, n, lo, tl.minimum(lo + chunk, total)
+
+
+@triton.jit
+def _finish_tile(acc, m_i, l_i, out_ptr, part_ptr, sinks_ptr, b, offs_m, row_ok, tok, qh, H, q_len, num_splits,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, SINKS: tl.constexpr):
+    """Write the tile: its partial (acc, max, sum) to the split scratch, or, unsplit, the output."""
+    if SPLIT:
+        # Partials [B * H, num_splits, m_total, (D)]: every slot is written, empty splits included.
+        m_total = q_len * GROUP
+        row = (tl.program_id(1).to(tl.int64) * num_splits + tl.program_id(2)) * m_total + offs_m
+        acc_ptr, m_ptr, l_ptr = _partials(part_ptr, tl.num_programs(1) * num_splits * m_total, HEAD_DIM)
+        tl.store(m_ptr + row, m_i, mask=row_ok)
+        tl.store(l_ptr + row, l_i, mask=row_ok)
+        tl.store(acc_ptr + row[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], acc, mask=row_ok[:, None])
+    else:
+        if SINKS:
+            l_i = _add_sink(l_i, m_i, sinks_ptr, qh, row_ok)
+        # A row that saw no key at all (empty head and no new tokens) has l = 0 and acc = 0: output 0.
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        _store_out(out, out_ptr, b, tok, qh, row_ok, H, q_len, GROUP, HEAD_DIM)
+
+
 # t, q_len, num_splits and start change from call to call (decode steps): not specialized, so they cause no
 # recompiles.
 @triton.jit(do_not_specialize=["q_len", "t", "num_splits", "start"])
@@ -180,39 +242,9 @@ def _ragged_attention_kernel(
     Every tensor's last dimension is contiguous (its stride is not passed: fewer launch arguments,
     each costs host time on every call). ``part_ptr``: the fp32 scratch of :func:`_partials`.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)  # int64 bases: batch/head offsets of big buffers pass 2**31
-    h = (pid_bh % H).to(tl.int64)
-    m_total = q_len * GROUP
-
-    # Rows of this tile: query token i of query head h * GROUP + g.
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < m_total
-    tok = offs_m // GROUP
-    qh = h * GROUP + offs_m % GROUP
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + b * stride_qb + qh[:, None] * stride_qh + tok[:, None] * stride_qi + offs_d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
-
-    p_start = tl.load(offsets_ptr + h).to(tl.int64)
-    n = (tl.load(offsets_ptr + h + 1) - p_start).to(tl.int32)
-    # New tokens the tile's last query may see; later ones are masked for every row, so skip them.
-    last_tok = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, m_total) - 1) // GROUP
-    t_vis = tl.minimum(tl.maximum(t - q_len + last_tok + 1, 0), t)
-
-    # This split's share [lo, hi) of the virtual sequence [prefix (n) | new tokens (t_vis)],
-    # in whole blocks so only the last block of each part needs a tail mask.
-    total = n + t_vis
-    chunk = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
-    lo = pid_s * chunk
-    hi = tl.minimum(lo + chunk, total)
+    b, h, offs_m, row_ok, tok, qh, q = _query_tile(q_ptr, stride_qb, stride_qh, stride_qi, H, q_len,
+                                                   GROUP, HEAD_DIM, BLOCK_M, UPCAST)
+    p_start, n, lo, hi = _split_range(offsets_ptr, h, q_len, t, num_splits, GROUP, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -225,26 +257,25 @@ def _ragged_attention_kernel(
         stride_pkn, stride_pvn, lo, tl.minimum(hi, n), 0, qk_scale, pos_ptr + p_start, q_pos, window, softcap,
         False, HEAD_DIM, BLOCK_N, FP32, UPCAST, WHILE_LOOP, WINDOW, SOFTCAP,
     )
-    # New tokens [max(lo, n) - n, hi - n): causal, token j is visible to query token i iff j <= t - q_len + i.
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = _attend_new(acc, m_i, l_i, q, tok, k_ptr, v_ptr, b, h, stride_kb, stride_kh, stride_kt,
+                                stride_vb, stride_vh, stride_vt, n, lo, hi, q_len, t, qk_scale, pos_ptr, q_pos,
+                                window, softcap, HEAD_DIM, BLOCK_N, FP32, UPCAST, WHILE_LOOP, WINDOW, SOFTCAP)
+    _finish_tile(acc, m_i, l_i, out_ptr, part_ptr, sinks_ptr, b, offs_m, row_ok, tok, qh, H, q_len, num_splits,
+                 GROUP, HEAD_DIM, SPLIT, SINKS)
+
+
+@triton.jit
+def _attend_new(acc, m_i, l_i, q, tok, k_ptr, v_ptr, b, h, stride_kb, stride_kh, stride_kt,
+                stride_vb, stride_vh, stride_vt, n, lo, hi, q_len, t, qk_scale, pos_ptr, q_pos, window, softcap,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr, UPCAST: tl.constexpr,
+                WHILE_LOOP: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The new tokens' share ``[max(lo, n) - n, hi - n)`` of the split: causal, token ``j`` is
+    visible to query token ``i`` iff ``j <= t - q_len + i``."""
+    return _attend_range(
         acc, m_i, l_i, q, tok, k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,
         stride_kt, stride_vt, tl.maximum(lo, n) - n, hi - n, t - q_len, qk_scale, pos_ptr, q_pos, window, softcap,
         True, HEAD_DIM, BLOCK_N, FP32, UPCAST, WHILE_LOOP, WINDOW, SOFTCAP,
     )
-
-    if SPLIT:
-        # Partials [B * H, num_splits, m_total, (D)]: every slot is written, empty splits included.
-        row = (pid_bh.to(tl.int64) * num_splits + pid_s) * m_total + offs_m
-        acc_ptr, m_ptr, l_ptr = _partials(part_ptr, tl.num_programs(1) * num_splits * m_total, HEAD_DIM)
-        tl.store(m_ptr + row, m_i, mask=row_ok)
-        tl.store(l_ptr + row, l_i, mask=row_ok)
-        tl.store(acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
-    else:
-        if SINKS:
-            l_i = _add_sink(l_i, m_i, sinks_ptr, qh, row_ok)
-        # A row that saw no key at all (empty head and no new tokens) has l = 0 and acc = 0: output 0.
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        _store_out(out, out_ptr, b, tok, qh, row_ok, H, q_len, GROUP, HEAD_DIM)
 
 
 @triton.jit
@@ -434,57 +465,89 @@ def ragged_attention(
     decode loop and under CUDA graph capture (for fixed shapes and ``num_splits``).
     """
     _check_inputs(query, prefix_keys, prefix_values, offsets, keys, values)
-    batch, q_heads, q_len, head_dim = query.shape
-    kv_heads, t = keys.shape[1], keys.shape[2]
-    group = q_heads // kv_heads
     _check_features(query, prefix_keys, prefix_positions, window, sinks)
-    out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=query.device)
-    if out.numel() == 0:
-        return out
     # The kernel assumes a contiguous last dimension (true of views such as buf[:, :, :t] and transposes).
     query, prefix_keys, prefix_values, keys, values = (
         x if x.stride(-1) == 1 else x.contiguous() for x in (query, prefix_keys, prefix_values, keys, values)
     )
-
-    m_total = q_len * group
-    cfg = _launch_config(m_total, head_dim, query.dtype)
-    m_tiles = _cdiv(m_total, cfg["BLOCK_M"])
-    if num_splits is None:
-        programs = m_tiles * batch * kv_heads
-        num_splits = choose_num_splits(programs, max(int(max_len), 0) + t, _sm_count(query.device))
-    num_splits = max(1, int(num_splits))
-    if num_splits > 1:
-        # fp32 scratch: acc [rows, D], then max [rows] and sum [rows] (see _partials)
-        rows = batch * kv_heads * num_splits * m_total
-        part = torch.empty(rows * (head_dim + 2), dtype=torch.float32, device=query.device)
-    else:
-        part = out  # unused (SPLIT=False)
-
-    # Triton's interpreter cannot compute on bfloat16 (tl.dot multiplies the raw uint16 bit patterns,
-    # triton-lang/triton#11584): under TRITON_INTERPRET=1 bf16 tiles are upcast to fp32 after loading.
-    upcast = _INTERPRETED and query.dtype == torch.bfloat16
-    q_s, k_s, v_s = query.stride(), keys.stride(), values.stride()
+    launch = Launch.plan(query, keys, max_len, num_splits, sinks, softcap is not None)
+    if launch is None:
+        return torch.empty(*_out_shape(query), dtype=query.dtype, device=query.device)
     # Unused feature pointers get any tensor: their loads are compiled out (constexpr flags).
     positions = prefix_positions if window is not None else offsets
-    has_sinks = sinks is not None
-    sinks = sinks.float().contiguous() if has_sinks else out
-    qk_scale = float(scaling) if softcap is not None else float(scaling) * LOG2E
-    _ragged_attention_kernel[(m_tiles, batch * kv_heads, num_splits)](
-        query, prefix_keys, prefix_values, offsets, keys, values, out, part, positions, sinks,
-        q_s[0], q_s[1], q_s[2], prefix_keys.stride(0), prefix_values.stride(0),
-        k_s[0], k_s[1], k_s[2], v_s[0], v_s[1], v_s[2],
-        kv_heads, q_len, t, num_splits, qk_scale, int(start), int(window or 0), float(softcap or 1.0),
-        GROUP=group, HEAD_DIM=head_dim, SPLIT=num_splits > 1,
-        FP32=query.dtype == torch.float32 or upcast, UPCAST=upcast, WHILE_LOOP=_INTERPRETED,
-        WINDOW=window is not None, SOFTCAP=softcap is not None, SINKS=has_sinks, **cfg,
+    _ragged_attention_kernel[launch.grid](
+        query, prefix_keys, prefix_values, offsets, keys, values, launch.out, launch.part, positions, launch.sinks,
+        *query.stride()[:3], prefix_keys.stride(0), prefix_values.stride(0), *keys.stride()[:3], *values.stride()[:3],
+        keys.shape[1], query.shape[2], keys.shape[2], launch.num_splits, scaling * launch.qk_factor, int(start),
+        int(window or 0), float(softcap or 1.0), WINDOW=window is not None, SOFTCAP=softcap is not None,
+        **launch.constants,
     )
-    if num_splits > 1:
-        _combine_kernel[(_cdiv(m_total, COMBINE_BLOCK_M), batch * kv_heads)](
-            out, part, sinks, kv_heads, q_len, num_splits,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=COMBINE_BLOCK_M, WHILE_LOOP=_INTERPRETED,
-            SINKS=has_sinks, num_warps=4,
-        )
-    return out
+    return launch.finish()
+
+
+def _out_shape(query: torch.Tensor) -> tuple[int, ...]:
+    batch, q_heads, q_len, head_dim = query.shape
+    return batch, q_len, q_heads, head_dim
+
+
+@dataclass
+class Launch:
+    """What a launch of the attention kernels needs besides their inputs: the output
+    ``[B, q_len, Hq, D]``, the split count and fp32 split scratch, the grid, the tile
+    configuration, and the combine launch that :meth:`finish` makes when the keys are split.
+    Shared by :func:`ragged_attention` and the quantised-prefix kernel (quant_attention.py)."""
+
+    out: torch.Tensor
+    part: torch.Tensor
+    sinks: torch.Tensor
+    grid: tuple[int, int, int]
+    num_splits: int
+    qk_factor: float
+    constants: dict
+
+    @classmethod
+    def plan(cls, query: torch.Tensor, keys: torch.Tensor, max_len: int, num_splits: int | None,
+             sinks: torch.Tensor | None, softcap: bool) -> Launch | None:
+        """The launch for ``query [B, Hq, q_len, D]`` against ``keys [B, H, t, D]`` and a prefix
+        of at most ``max_len`` rows per head; None when the output is empty."""
+        batch, q_heads, q_len, head_dim = query.shape
+        kv_heads, t = keys.shape[1], keys.shape[2]
+        group = q_heads // kv_heads
+        out = torch.empty(*_out_shape(query), dtype=query.dtype, device=query.device)
+        if out.numel() == 0:
+            return None
+        m_total = q_len * group
+        cfg = _launch_config(m_total, head_dim, query.dtype)
+        m_tiles = _cdiv(m_total, cfg["BLOCK_M"])
+        if num_splits is None:
+            programs = m_tiles * batch * kv_heads
+            num_splits = choose_num_splits(programs, max(int(max_len), 0) + t, _sm_count(query.device))
+        num_splits = max(1, int(num_splits))
+        part = out  # unused (SPLIT=False)
+        if num_splits > 1:  # fp32 scratch: acc [rows, D], then max [rows] and sum [rows] (see _partials)
+            rows = batch * kv_heads * num_splits * m_total
+            part = torch.empty(rows * (head_dim + 2), dtype=torch.float32, device=query.device)
+        # Triton's interpreter cannot compute on bfloat16 (tl.dot multiplies the raw uint16 bit patterns,
+        # triton-lang/triton#11584): under TRITON_INTERPRET=1 bf16 tiles are upcast to fp32 after loading.
+        upcast = _INTERPRETED and query.dtype == torch.bfloat16
+        has_sinks = sinks is not None
+        constants = dict(GROUP=group, HEAD_DIM=head_dim, SPLIT=num_splits > 1,
+                         FP32=query.dtype == torch.float32 or upcast, UPCAST=upcast, WHILE_LOOP=_INTERPRETED,
+                         SINKS=has_sinks, **cfg)
+        return cls(out, part, sinks.float().contiguous() if has_sinks else out, (m_tiles, batch * kv_heads, num_splits),
+                   num_splits, 1.0 if softcap else LOG2E, constants)
+
+    def finish(self) -> torch.Tensor:
+        """The output, after merging the splits' partials if the keys were split."""
+        if self.num_splits > 1:
+            c = self.constants
+            m_total = self.out.shape[1] * c["GROUP"]
+            _combine_kernel[(_cdiv(m_total, COMBINE_BLOCK_M), self.grid[1])](
+                self.out, self.part, self.sinks, self.out.shape[2] // c["GROUP"], self.out.shape[1], self.num_splits,
+                GROUP=c["GROUP"], HEAD_DIM=c["HEAD_DIM"], BLOCK_M=COMBINE_BLOCK_M, WHILE_LOOP=_INTERPRETED,
+                SINKS=c["SINKS"], num_warps=4,
+            )
+        return self.out
 
 
 def _check_features(query, prefix_keys, prefix_positions, window, sinks) -> None:

@@ -25,6 +25,31 @@ BLOCK_ROWS = 32
 
 
 @triton.jit
+def dequant_at(codes_ptr, scales_ptr, zeros_ptr, rows, ch, srow, ok, width, n_scale_cols,
+               BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """fp32 values of rows ``rows`` (int64) at channels ``ch``, broadcast against each other.
+
+    ``srow``: each row's scale row, its group ``groups[row]`` for per-channel scales (``GROUP``
+    = 0), else the row itself (per-row scales over ``GROUP`` channels). Masked-off entries are 0.
+    The attention kernel over quantised rows (quant_attention.py) dequantises with this too.
+    """
+    bit = ch * BITS
+    byte = bit // 8
+    lo = tl.load(codes_ptr + rows * width + byte, mask=ok, other=0).to(tl.int32)
+    if BITS == 3:  # only 3-bit codes straddle into the next byte
+        hi = tl.load(codes_ptr + rows * width + byte + 1, mask=ok & (byte + 1 < width), other=0).to(tl.int32)
+        lo = (hi << 8) | lo
+    q = (lo >> (bit % 8)) & ((1 << BITS) - 1)
+    if GROUP == 0:
+        at = srow * HEAD_DIM + ch
+    else:
+        at = srow * n_scale_cols + ch // GROUP
+    scale = tl.load(scales_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    return q.to(tl.float32) * scale + zero
+
+
+@triton.jit
 def _dequant_kernel(
     codes_ptr, scales_ptr, zeros_ptr, groups_ptr, out_ptr,
     n_rows, width, n_scale_cols,
@@ -38,22 +63,11 @@ def _dequant_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     ok = row_ok[:, None] & (d < HEAD_DIM)
-
-    bit = d * BITS
-    byte = bit // 8
-    lo = tl.load(codes_ptr + rows64 * width + byte, mask=ok, other=0).to(tl.int32)
-    # A code straddles into the next byte only when BITS does not divide 8 (3 bits).
-    hi = tl.load(codes_ptr + rows64 * width + byte + 1, mask=ok & (byte + 1 < width), other=0).to(tl.int32)
-    q = (((hi << 8) | lo) >> (bit % 8)) & ((1 << BITS) - 1)
-
     if GROUP == 0:
-        g = tl.load(groups_ptr + rows, mask=row_ok, other=0).to(tl.int64)[:, None]
-        at = g * HEAD_DIM + d
+        srow = tl.load(groups_ptr + rows, mask=row_ok, other=0).to(tl.int64)[:, None]
     else:
-        at = rows64 * n_scale_cols + d // GROUP
-    scale = tl.load(scales_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    zero = tl.load(zeros_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    x = q.to(tl.float32) * scale + zero
+        srow = rows64
+    x = dequant_at(codes_ptr, scales_ptr, zeros_ptr, rows64, d, srow, ok, width, n_scale_cols, BITS, GROUP, HEAD_DIM)
     tl.store(out_ptr + rows64 * HEAD_DIM + d, x.to(out_ptr.dtype.element_ty), mask=ok)
 
 

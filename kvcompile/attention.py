@@ -9,7 +9,9 @@ whole prefix of their head.
 Two implementations of the same function, both one call per layer for all heads:
 
 - on CUDA, the Triton kernel :func:`kvcompile.kernels.attention.ragged_attention`, which
-  reads the ragged rows directly (flash-decoding, split over the prefix);
+  reads the ragged rows directly (flash-decoding, split over the prefix); a prefix that
+  stays integer-coded (:class:`~kvcompile.encoded.EncodedKV`) is read as codes by
+  :func:`kvcompile.kernels.quant_attention.quant_attention` instead, never decoded to memory;
 - elsewhere, :func:`padded_attention`: the layer's prefix is padded to its longest head
   once per question (:class:`~kvcompile.cache.PackLayer` keeps it in the same buffer as
   the new tokens, with a bias channel that hides the padding), and a single SDPA call
@@ -30,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
+
+from .encoded import EncodedKV
 
 ATTN_IMPLEMENTATION = "kvcompile"
 
@@ -183,6 +187,8 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
         # The scorer reads the probe tokens' queries after the forward pass.
         layer.queries = query[:, :, -layer.capture_queries :].detach()
     if layer.pad is None:
+        if isinstance(layer.prefix, EncodedKV) and window is None and layer.prefix.attends_encoded:
+            return layer.prefix.attend(query, layer.new_keys, layer.new_values, scaling, softcap, sinks), None
         p = layer.rows()
         out = _kernel()(query, p.keys, p.values, p.offsets, p.max_len, layer.new_keys, layer.new_values, scaling,
                         prefix_positions=p.positions, start=layer.start, window=window, softcap=softcap,

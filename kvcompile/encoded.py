@@ -1,18 +1,22 @@
 """A quantised pack's layer as it stays on the device: encoded rows, decoded per use.
 
 A loaded pack keeps what a quantised codec wrote (codes, scales, zeros) on the model's
-device, so its memory is the pack's, not an fp16 cache's. Attention needs dense rows:
-:meth:`EncodedKV.materialise` decodes one layer (on CUDA with the Triton kernel of
-``kvcompile/kernels/dequant.py`` and ``rvq.py``, elsewhere with the codec's PyTorch reference) and
-rotates its keys to their positions. :class:`~kvcompile.cache.PackLayer` calls it once
-per question where it pads the prefix anyway (the CPU reference), and per forward pass
-on CUDA, so that at most one layer is dense at a time.
+device, so its memory is the pack's, not an fp16 cache's. Attention reads it in one of two ways:
+
+- integer codes on CUDA: :meth:`EncodedKV.attend` runs the attention kernel over the codes
+  (``kvcompile/kernels/quant_attention.py``), which dequantises and rotates each block of
+  keys in registers; no dense copy of the layer is ever written;
+- otherwise (RVQ, rotaries the kernel cannot reproduce, the CPU): :meth:`EncodedKV.materialise`
+  decodes the layer (on CUDA with the Triton kernels of ``kernels/dequant.py`` and ``rvq.py``,
+  elsewhere with the codec's PyTorch reference) and rotates its keys. :class:`~kvcompile.cache.PackLayer`
+  calls it once per question where it pads the prefix anyway (the CPU reference), and per
+  forward pass on CUDA, so that at most one layer is dense at a time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import torch
 
@@ -36,30 +40,44 @@ def _kernels():
 @dataclass(frozen=True, eq=False)
 class EncodedPart:
     """The keys or values of one layer as stored: ``codec``'s tensors (on the device) for rows
-    in ``runs``. ``groups [N]``: each row's scale group, for per-channel integer codes (the
-    kernel reads it; the runs alone would need a search per row)."""
+    in ``runs``. For integer codes, what kernels read besides (the runs alone would need a
+    search per row): ``groups [N]`` int32, each row's scale group (per-channel codes), and
+    ``exact [N]`` int32, -1 or the exactly stored row that replaces the row (``outliers``)."""
 
     codec: Codec
     tensors: dict[str, torch.Tensor]
     runs: tuple[int, ...]
     head_dim: int
     groups: torch.Tensor | None = None
+    exact: torch.Tensor | None = None
 
     @classmethod
     def place(cls, codec: Codec, tensors: dict[str, torch.Tensor], runs, head_dim: int,
               device: torch.device) -> EncodedPart:
         codec.check_values(tensors, runs)  # once, on the host: kernels read codes as indices
         tensors = {role: t.to(device) for role, t in tensors.items()}
-        groups = None
-        if isinstance(codec, IntCodec) and codec.per == "channel":
-            groups = row_groups(runs, codec.group, device)[0].to(torch.int32)
-        return cls(codec, tensors, tuple(runs), head_dim, groups)
+        groups = exact = None
+        if isinstance(codec, IntCodec):
+            if codec.per == "channel":
+                groups = row_groups(runs, codec.group, device)[0].to(torch.int32)
+            exact = codec.exact_index(tensors, runs)
+        return cls(codec, tensors, tuple(runs), head_dim, groups, exact)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held on the device: the stored tensors, and the row groups (4 per row) if any."""
-        extra = [] if self.groups is None else [self.groups]
+        """Bytes held on the device: the stored tensors, and the row groups and exact-row
+        index (4 bytes per row each) if any."""
+        extra = [t for t in (self.groups, self.exact) if t is not None]
         return sum(t.numel() * t.element_size() for t in [*self.tensors.values(), *extra])
+
+    def quant_rows(self):
+        """The part as :func:`~kvcompile.kernels.quant_attention.quant_attention` reads it
+        (integer codes only)."""
+        from .kernels.quant_attention import QuantRows
+
+        c, t = self.codec, self.tensors
+        return QuantRows(t["codes"], t["scales"], t["zeros"], self.groups, c.bits,
+                         0 if c.per == "channel" else c.group, self.exact, t.get("outliers"))
 
     def decode(self, dtype: torch.dtype) -> torch.Tensor:
         """``[N, head_dim]`` in ``dtype``, on the tensors' device (on CUDA: one Triton launch)."""
@@ -101,6 +119,30 @@ class EncodedKV(HeadLengths):
     def nbytes(self) -> int:
         """Bytes held on the device: the encoded parts and the positions."""
         return self.keys.nbytes + self.values.nbytes + self.positions.numel() * self.positions.element_size()
+
+    @cached_property
+    def attends_encoded(self) -> bool:
+        """Whether :meth:`attend` can read this layer as it is stored: integer codes, and keys
+        without RoPE or with a rotary the kernel can reproduce (:meth:`Rotary.frequencies`)."""
+        return all(isinstance(p.codec, IntCodec) for p in (self.keys, self.values)) and (
+            self.rotary is None or self._frequencies is not None)
+
+    @cached_property
+    def _frequencies(self) -> tuple[torch.Tensor, float] | None:
+        return None if self.rotary is None else self.rotary.frequencies(self.positions)
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+               softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``query [B, Hq, q_len, D]`` over this layer followed by the dense new
+        tokens ``keys``/``values [B, H, t, D]`` (causal), reading the codes directly (one Triton
+        launch, :func:`~kvcompile.kernels.quant_attention.quant_attention`); ``[B, q_len, Hq, D]``.
+        Only where :attr:`attends_encoded`."""
+        from .kernels.quant_attention import quant_attention
+
+        inv_freq, rope_scale = self._frequencies or (None, 1.0)
+        return quant_attention(query, self.keys.quant_rows(), self.values.quant_rows(), self.offsets, self.max_len,
+                               keys, values, scaling, positions=self.positions, inv_freq=inv_freq,
+                               rope_scale=rope_scale, softcap=softcap, sinks=sinks)
 
     def materialise(self) -> RaggedKV:
         """The layer as attention reads it: decoded to ``dtype``, keys rotated to their positions."""

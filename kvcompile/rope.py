@@ -88,6 +88,30 @@ class Rotary:
             return torch.cat([cos[0], cos[0]], dim=-1), torch.cat([sin[0], sin[0]], dim=-1)
         return cos[0], sin[0]
 
+    @torch.no_grad()
+    def frequencies(self, positions: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """``(inv_freq [R / 2] fp32, scaling)`` such that ``cos = cos(p x inv_freq) x scaling``
+        (both halves) gives this rotary's angles at ``positions``, for kernels that rotate keys
+        themselves; None where no such pair reproduces the module's output there (interleaved
+        layouts, modules without an ``inv_freq`` buffer or whose frequencies depend on more
+        than the position). Checked against the module, once per call: a host sync."""
+        prefix = f"{self.layer_type}_" if self.layer_type else ""
+        inv_freq = getattr(self.module, f"{prefix}inv_freq", None)
+        if self.interleaved or not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1:
+            return None
+        inv_freq = inv_freq.to(positions.device, torch.float32).contiguous()
+        scaling = float(getattr(self.module, f"{prefix}attention_scaling", 1.0))
+        cos, sin = self.cos_sin(positions)
+        angles = positions.float()[:, None] * inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        if cos.shape != angles.shape:
+            return None
+        tolerance = 4 * torch.finfo(cos.dtype).eps  # the module's output is rounded to the model's dtype
+        for mine, theirs in ((angles.cos() * scaling, cos), (angles.sin() * scaling, sin)):
+            if not torch.allclose(mine, theirs.float(), atol=tolerance, rtol=0):
+                return None
+        return inv_freq, scaling
+
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [tokens, head_dim]`` to ``positions [tokens]`` (on CUDA: one Triton launch)."""
         cos, sin = self.cos_sin(positions.to(x.device))

@@ -204,7 +204,7 @@ def test_keys_are_placed_with_the_models_own_rope(arch, overrides, tmp_path):
     positions) can. So compare with the model's own ``apply_rotary_pos_emb`` directly."""
     import importlib
 
-    from kvcompile.rope import rotaries
+    from kvcompile.rope import apply_rope, rotaries
 
     lm = load_model(str(make_tiny_model(tmp_path / arch, arch=arch, **overrides)), device="cpu", progress=False)
     name = MODELING.get(arch, arch)
@@ -229,6 +229,15 @@ def test_keys_are_placed_with_the_models_own_rope(arch, overrides, tmp_path):
         ours = torch.stack([rotary.apply(k[0, h], positions) for h in range(heads)])[None]
         assert torch.allclose(ours, theirs, atol=1e-5), rotary.layer_type
         assert torch.allclose(rotary.undo(ours[0, 0], positions), k[0, 0], atol=1e-5)
+        # what the attention kernel over integer codes rotates with (inv_freq and scaling)
+        frequencies = rotary.frequencies(positions)
+        assert (frequencies is None) == rotary.interleaved, arch
+        if frequencies is not None:
+            inv_freq, scaling = frequencies
+            angles = positions.float()[:, None] * inv_freq[None, :]
+            angles = torch.cat([angles, angles], dim=-1)
+            mine = apply_rope(k[0], angles.cos() * scaling, angles.sin() * scaling)
+            assert torch.allclose(mine[None], theirs, atol=1e-5), rotary.layer_type
 
 
 def test_window_layers_load_only_the_rows_a_question_can_see(tiny_corpus, tmp_path):

@@ -128,8 +128,9 @@ def test_keys_are_placed_by_the_rope_kernel_as_on_cpu(cuda_lm, cpu_lm):
 
 @pytest.mark.parametrize("quant", ["int4", "int3", "rvq"])
 def test_a_quantised_pack_answers_on_cuda_as_on_cpu(cpu_lm, cuda_lm, tiny_corpus, tmp_path, quant):
-    """The same pack, loaded on each device: CUDA keeps it encoded and decodes with the Triton
-    kernels (dequant, rvq), the CPU with the codec's reference."""
+    """The same pack, loaded on each device: CUDA keeps it encoded and attends over the integer
+    codes directly (quant_attention) or decodes RVQ with its kernel, the CPU with the codecs'
+    references."""
     path = tmp_path / f"{quant}.kvpack"
     build([tiny_corpus], path, cpu_lm, load_recipe("qa"),
           BuildOptions(ratio=0.5, chunk_size=64, quant=quant, quant_group=8, quant_outliers=0.1))
@@ -137,4 +138,5 @@ def test_a_quantised_pack_answers_on_cuda_as_on_cpu(cpu_lm, cuda_lm, tiny_corpus
 
     session = kvcompile.load(path).session(cuda_lm)
     assert all(isinstance(layer, EncodedKV) and layer.device.type == "cuda" for layer in session.kv)
+    assert all(layer.attends_encoded == (quant != "rvq") for layer in session.kv)
     torch.testing.assert_close(_logits(path, cuda_lm), _logits(path, cpu_lm), atol=2e-2, rtol=2e-2)

@@ -34,6 +34,7 @@ triton = pytest.importorskip("triton")
 
 from kvcompile.kernels import attention as attn  # noqa: E402
 from kvcompile.kernels import dequant as dequant_mod  # noqa: E402
+from kvcompile.kernels import quant_attention as qattn  # noqa: E402
 from kvcompile.kernels import rope as rope_mod  # noqa: E402
 from kvcompile.kernels import rvq as rvq_mod  # noqa: E402
 from triton.runtime import JITFunction  # noqa: E402
@@ -477,6 +478,167 @@ def test_models_with_windows_softcaps_and_sinks_answer_alike_through_the_kernel(
     session = pack.session(lm)
     assert session.cache().layers[0].pad is None
     torch.testing.assert_close(session.first_token_logits(question), reference, atol=1e-4, rtol=1e-4)
+
+
+
+# ----------------------------------------------------------------------------- attention over codes
+
+
+def quant_inputs(lengths, group=4, head_dim=64, q_len=1, t=1, dtype=torch.float32, kbits=4, vbits=2, outliers=0.0,
+                 rotary="full", key_group=32, value_group=16, seed=0):
+    """Keyword arguments of :func:`quant_attention`: the prefix of :func:`make_inputs` encoded
+    by kvcompile's integer codecs (each head's rows in two runs, as two segments would be),
+    keys before RoPE at positions up to ~40k, ``rotary`` "full", "partial" (half the
+    channels) or None. Also returns the codecs, the runs and the encoded tensors."""
+    from kvcompile.codecs import make_codec
+    from kvcompile.codecs.integer import row_groups
+
+    base = make_inputs(lengths, 1, group, head_dim, q_len, t, dtype, seed=seed)
+    runs = [r for n in lengths for r in (n // 3, n - n // 3)]
+    g = torch.Generator().manual_seed(seed + 1)
+    # keys with a few large channels (as KIVI sees them), values plain
+    xk = torch.randn(sum(lengths), head_dim, generator=g) * (1 + 4 * (torch.rand(head_dim, generator=g) > 0.9))
+    xv = torch.randn(sum(lengths), head_dim, generator=g)
+    kc = make_codec("int", bits=kbits, per="channel", group=key_group, outliers=outliers)
+    vc = make_codec("int", bits=vbits, per="token", group=value_group, outliers=outliers)
+    ek, ev = kc.encode(xk, runs), vc.encode(xv, runs)
+
+    def rows(codec, e, groups):
+        return qattn.QuantRows(e["codes"], e["scales"], e["zeros"], groups, codec.bits,
+                               0 if codec.per == "channel" else codec.group, codec.exact_index(e, runs),
+                               e.get("outliers"))
+
+    positions = torch.randint(0, 40000, (sum(lengths),), generator=g)
+    rot = {"full": head_dim, "partial": head_dim // 2, None: 0}[rotary]
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)) if rot else None
+    kwargs = dict(query=base["query"], prefix_keys=rows(kc, ek, row_groups(runs, key_group)[0].to(torch.int32)),
+                  prefix_values=rows(vc, ev, None), offsets=base["offsets"], max_len=base["max_len"],
+                  keys=base["keys"], values=base["values"], scaling=base["scaling"], positions=positions,
+                  inv_freq=inv_freq, rope_scale=1.0 if rotary != "partial" else 1.25)
+    return kwargs, (kc, vc, runs, ek, ev)
+
+
+QUANT_CASES = {
+    # name: (lengths, quant_inputs options, quant_attention options)
+    "int4/int2-gqa4": ([70, 33, 0, 129], dict(), dict()),
+    "int3/int3-odd-groups": ([45, 91], dict(kbits=3, vbits=3, key_group=7, value_group=8), dict()),
+    "int8/int4-mha": ([64, 1, 100], dict(group=1, kbits=8, vbits=4), dict()),
+    "int2/int2-outliers": ([50, 77, 12], dict(kbits=2, outliers=0.1), dict()),
+    "partial-rotary-scaled": ([40, 90], dict(rotary="partial", outliers=0.05), dict()),
+    "no-rotary": ([33, 66], dict(rotary=None), dict()),
+    "prefill-q5-t9": ([60, 20], dict(q_len=5, t=9), dict()),
+    "split-3": ([300, 129, 7], dict(), dict(num_splits=3)),
+    "softcap-sinks": ([80, 40], dict(), dict(softcap=5.0, sinks=True)),
+    "empty-heads-t0": ([0, 0], dict(t=0), dict()),
+}
+
+
+def _quant_case(name, dtype):
+    lengths, opts, call = QUANT_CASES[name]
+    kwargs, extra = quant_inputs(lengths, dtype=dtype, **opts)
+    call = dict(call)
+    if call.pop("sinks", False):
+        call["sinks"] = torch.randn(kwargs["query"].shape[1])
+    if name == "empty-heads-t0":
+        kwargs["query"] = kwargs["query"][:, :, :0]
+    return {**kwargs, **call}, extra
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(QUANT_CASES))
+def test_quant_attention_matches_reference(name, dtype):
+    kwargs, _ = _quant_case(name, dtype)
+    out = qattn.quant_attention(**kwargs)
+    ref = qattn.quant_attention_reference(**kwargs)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCE[dtype])
+
+
+def test_quant_attention_reference_is_the_codecs_rows_rotated_like_the_model():
+    """The spec's prefix: the codecs' own decode (exact rows in place), rotated as
+    kvcompile.rope does with the model's cos/sin (computed here in float64 for the check)."""
+    from kvcompile.rope import apply_rope
+
+    kwargs, (kc, vc, runs, ek, ev) = quant_inputs([50, 77], outliers=0.1, rotary="partial")
+    d = kwargs["query"].shape[3]
+    keys = kwargs["prefix_keys"].reference(d)
+    torch.testing.assert_close(keys, kc.decode(ek, runs, d), atol=0, rtol=0)
+    torch.testing.assert_close(kwargs["prefix_values"].reference(d), vc.decode(ev, runs, d), atol=0, rtol=0)
+    angles = kwargs["positions"].double()[:, None] * kwargs["inv_freq"].double()[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    rotated = apply_rope(keys.double(), angles.cos() * 1.25, angles.sin() * 1.25)
+    cos, sin = qattn.rotary_cos_sin(kwargs["positions"], kwargs["inv_freq"], 1.25)
+    torch.testing.assert_close(apply_rope(keys, cos, sin).double(), rotated, atol=2e-2, rtol=1e-3)
+
+
+def test_quant_attention_rotates_far_positions_as_the_model_does():
+    """Positions of a 128k context (angles of ~1e5 radians): the kernel's two-step range
+    reduction keeps the rotation that of transformers' fp32 angles (the reference: torch's
+    cos/sin of the same fp32 products) to fp32 accuracy."""
+    kwargs, _ = quant_inputs([64, 64], group=1, kbits=8, vbits=8, rotary="full")
+    kwargs["positions"] = 120000 + torch.arange(128) * 37
+    torch.testing.assert_close(qattn.quant_attention(**kwargs), qattn.quant_attention_reference(**kwargs),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_quant_attention_refuses_bad_inputs():
+    kwargs, _ = quant_inputs([10, 20])
+    with pytest.raises(ValueError, match="positions"):
+        qattn.quant_attention(**{**kwargs, "positions": kwargs["positions"][:5]})
+    with pytest.raises(ValueError, match="inv_freq"):
+        qattn.quant_attention(**{**kwargs, "inv_freq": torch.ones(64)})
+    p = kwargs["prefix_values"]
+    with pytest.raises(ValueError, match="codes"):
+        qattn.quant_attention(**{**kwargs, "prefix_values": qattn.QuantRows(p.codes[:3], p.scales, p.zeros, None,
+                                                                             p.bits, p.group)})
+    with pytest.raises(ValueError, match="group"):
+        qattn.QuantRows(p.codes, p.scales, p.zeros, None, p.bits, 0)
+
+
+
+@pytest.mark.parametrize("arch, overrides, quant, outliers", [
+    ("llama", {}, "int4", 0.1),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 256}}, "int3", 0.0),
+    ("gemma2", dict(sliding_window=48, attn_logit_softcapping=1e-3), "int2", 0.05),
+    ("cohere", {}, "int4", 0.0),
+], ids=["llama-int4-exact-rows", "yarn-int3", "gemma2-softcap-window-int2", "cohere-interleaved-int4"])
+def test_quantised_packs_answer_alike_through_the_kernel_over_codes(arch, overrides, quant, outliers, tiny_corpus,
+                                                                    tmp_path, monkeypatch):
+    """The CUDA path of a quantised pack (run here on CPU tensors in the interpreter): layers the
+    kernel can read stay codes (quant_attention, RoPE in the kernel; a yarn rotary's scaling
+    included), windowed layers are decoded at load, and an interleaved rotary (Cohere) falls
+    back to decoding per call. The answer is the padded CPU reference's."""
+    import kvcompile
+    import kvcompile.cache
+    from kvcompile.builder import BuildOptions
+    from kvcompile.encoded import EncodedKV
+    from kvcompile.models import load_model, make_tiny_model
+    from kvcompile.pipeline import build
+    from kvcompile.recipe import load_recipe
+
+    torch.set_num_threads(1)
+    lm = load_model(str(make_tiny_model(tmp_path / arch, arch=arch, **overrides)), device="cpu", progress=False)
+    path = tmp_path / "p.kvpack"
+    build([tiny_corpus], path, lm, load_recipe("qa"),
+          BuildOptions(ratio=0.5, chunk_size=128, codec="fp32", quant=quant, quant_group=8, quant_outliers=outliers))
+    pack = kvcompile.load(path)
+    question = "How long is the password reset link valid?"
+    reference = pack.session(lm).first_token_logits(question)
+    monkeypatch.setattr(kvcompile.cache, "uses_kernel", lambda device: True)
+    calls = []
+    attend = EncodedKV.attend
+    monkeypatch.setattr(EncodedKV, "attend", lambda self, *a, **k: calls.append(1) or attend(self, *a, **k))
+    session = pack.session(lm)
+    encoded = [layer for layer in session.kv if isinstance(layer, EncodedKV)]
+    torch.testing.assert_close(session.first_token_logits(question), reference, atol=1e-4, rtol=1e-4)
+    fused = [layer.attends_encoded for layer in encoded]
+    if arch == "cohere":
+        assert encoded and not any(fused) and not calls
+    else:
+        assert encoded and all(fused) and len(calls) == len(encoded)
+    if arch == "gemma2":
+        assert len(encoded) < len(session.kv)  # the windowed layer was decoded at load
 
 
 if not IN_PROCESS:

@@ -230,3 +230,37 @@ def test_rvq_decode_realistic(kernels, interleave):
     args = (e["codes"], e["codebooks"], e["scales"], interleave, 128, torch.bfloat16)
     torch.testing.assert_close(rvq.rvq_decode(*args).float(), rvq.rvq_decode_reference(*args).float(),
                                atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kbits, vbits, outliers", [(4, 4, 0.0), (3, 4, 0.1), (2, 2, 0.1), (8, 8, 0.0)])
+@pytest.mark.parametrize("q_len, t", [(1, 1), (1, 200), (16, 16)])
+def test_quant_attention_realistic_bf16(kernels, kbits, vbits, outliers, q_len, t):
+    """Attention over an integer-coded prefix of ~40k rows (8 KV heads, head_dim 128, GQA 4,
+    keys rotated in the kernel at positions up to 30k) against the reference, split and unsplit."""
+    from kvcompile.kernels import quant_attention as qa
+
+    from kvcompile.codecs import make_codec
+    from kvcompile.codecs.integer import row_groups
+
+    lengths = LENGTHS_5K
+    inputs = make_inputs(lengths, 1, 4, 128, q_len, t, torch.bfloat16)
+    runs = [r for n in lengths for r in (n // 3, n - n // 3)]  # two segments per head
+    g = torch.Generator().manual_seed(kbits)
+    kc = make_codec("int", bits=kbits, per="channel", group=32, outliers=outliers)
+    vc = make_codec("int", bits=vbits, per="token", group=32, outliers=outliers)
+    parts = []
+    rows = [torch.randn(sum(lengths), 128, generator=g) * 3, torch.randn(sum(lengths), 128, generator=g)]
+    for codec, x in zip((kc, vc), rows):
+        e = {k: v.to(DEVICE) for k, v in codec.encode(x, runs).items()}
+        groups = row_groups(runs, 32, DEVICE)[0].to(torch.int32) if codec.per == "channel" else None
+        parts.append(qa.QuantRows(e["codes"], e["scales"], e["zeros"], groups, codec.bits,
+                                  0 if codec.per == "channel" else codec.group, codec.exact_index(e, runs),
+                                  e.get("outliers")))
+    positions = torch.randint(0, 30000, (sum(lengths),), generator=g).to(DEVICE)
+    inv_freq = (1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))).to(DEVICE)
+    kwargs = dict(query=inputs["query"], prefix_keys=parts[0], prefix_values=parts[1], offsets=inputs["offsets"],
+                  max_len=inputs["max_len"], keys=inputs["keys"], values=inputs["values"], scaling=128**-0.5,
+                  positions=positions, inv_freq=inv_freq)
+    for splits in (None, 1):
+        out = qa.quant_attention(**kwargs, num_splits=splits)
+        torch.testing.assert_close(out.float(), qa.quant_attention_reference(**kwargs).float(), atol=2e-2, rtol=2e-2)

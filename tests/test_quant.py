@@ -161,3 +161,18 @@ def test_corrupt_codec_parameters_are_refused(packs, tmp_path, rewrite_pack, edi
     with pytest.raises(PackError, match=problem) as e:
         kvcompile.load(path)
     assert "corrupt pack" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_kernel_rotates_keys_only_with_frequencies_that_reproduce_the_model(tiny_lm, monkeypatch):
+    """``Rotary.frequencies`` (what the attention kernel over codes rotates keys with) is checked
+    against the model's own cos/sin: frequencies that do not reproduce them are not used."""
+    from kvcompile.rope import rotaries
+
+    rotary = rotaries(tiny_lm.model)[0]
+    positions = torch.arange(0, 3000, 7)
+    inv_freq, scaling = rotary.frequencies(positions)
+    assert inv_freq.dtype == torch.float32 and scaling == 1.0
+    real = rotary.cos_sin
+    # a module whose angles are not position x inv_freq (as if it rescaled them per call)
+    monkeypatch.setattr(rotary, "cos_sin", lambda p: tuple(t.roll(1, dims=0) for t in real(p)))
+    assert rotary.frequencies(positions) is None

@@ -210,9 +210,23 @@ class IntCodec(Codec):
             return x
         if check:
             self.check_values(tensors, runs)
-        local, run, r = self._outlier_runs(tensors, runs)
-        x[(torch.cumsum(r, 0) - r)[run] + local] = tensors["outliers"].to(x.dtype)  # first row of each run + local
+        x[self._stored_rows(tensors, runs)] = tensors["outliers"].to(x.dtype)
         return x
+
+    def exact_index(self, tensors: dict[str, torch.Tensor], runs: Sequence[int]) -> torch.Tensor | None:
+        """``[N]`` int32: for each row, -1, or the row of ``tensors["outliers"]`` stored for it
+        (the lookup the attention kernel over codes reads); None without exact rows."""
+        if not self.outliers:
+            return None
+        rows = self._stored_rows(tensors, runs)
+        index = torch.full((int(sum(runs)),), -1, dtype=torch.int32, device=rows.device)
+        index[rows] = torch.arange(rows.numel(), dtype=torch.int32, device=rows.device)
+        return index
+
+    def _stored_rows(self, tensors: dict[str, torch.Tensor], runs: Sequence[int]) -> torch.Tensor:
+        """``[K]`` the rows (in the part) of the exactly stored rows: their run's first row + their index in it."""
+        local, run, r = self._outlier_runs(tensors, runs)
+        return (torch.cumsum(r, 0) - r)[run] + local
 
     def _outlier_runs(self, tensors: dict[str, torch.Tensor], runs: Sequence[int]):
         """Each exact row's index within its run, its run, and the runs' lengths (on the tensors' device)."""
