@@ -61,6 +61,7 @@ def _show(text: object) -> str:
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks on errors.")
 ModelOpt = typer.Option(None, "--model", "-m", help="Model: an alias (smollm2-135m, qwen2.5-coder-0.5b), a local directory or .gguf file, or a Hub id.")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
+PositionsOpt = typer.Option("auto", "--positions", help="Where the kept keys stand: original (their corpus positions), compact (contiguous, in corpus order, the question right after the last kept token), or auto (original while the pack fits the model's window).")
 
 
 @app.command()
@@ -193,6 +194,7 @@ def query(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Longest answer, in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer and timings as JSON."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to use (default: the pack's)."),
+    positions: str = PositionsOpt,
     device: Optional[str] = DeviceOpt,
     debug: bool = DebugOpt,
 ) -> None:
@@ -204,7 +206,7 @@ def query(
         t0 = time.perf_counter()
         p = load(pack)
         lm = load_model(model or p.model["name"], device=device, progress=False)
-        session = p.session(lm)
+        session = p.session(lm, positions)
         load_s = time.perf_counter() - t0
         if question is not None:
             _answer(session, question, max_new_tokens, as_json, load_s)
@@ -402,6 +404,7 @@ def eval_(
     baselines: str = typer.Option("full,rag,none", "--baselines", help="Comma-separated: full, rag, none ('' for none)."),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="Also build and evaluate packs at these kept ratios, e.g. 0.5,0.25,0.1."),
     quant: str = typer.Option("none", "--quant", help="With --sweep: build each ratio with these codecs, e.g. none,int4,kvmix (quantised packs are compared with the fp16 pack of their ratio)."),
+    positions: str = typer.Option("auto", "--positions", help="Evaluate each pack with its keys at these positions, comma-separated: original, compact, auto (compacted packs are compared with the same pack at original positions)."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Recipe for --sweep builds (default: qa)."),
     questions: Optional[int] = typer.Option(None, "--questions", "-n", help="Ask only the first N questions."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Longest generated answer, in tokens."),
@@ -429,7 +432,7 @@ def eval_(
     from .evaluation.plan import parse_baselines, plan
     from .evaluation.run import evaluate
     from .models import load_model
-    from .pack import load
+    from .pack import POSITIONS, load
     from .pipeline import build as run_build
     from .recipe import load_recipe
 
@@ -474,7 +477,11 @@ def eval_(
                     err.print(f"building {_show(path)} at ratio {r:g}" + ("" if q == "none" else f", {q}"))
                 run_build(corpus, path, lm, recipe, BuildOptions(ratio=r, quant=q))
                 opened.append(load(path))
-        makers = plan(lm, opened, documents, recipe, wanted, rag_chunk)
+        modes = [m.strip() for m in positions.split(",") if m.strip()] or ["auto"]
+        for m in modes:
+            if m not in POSITIONS:
+                raise OptionError(f"--positions takes {', '.join(POSITIONS)} (comma-separated), not {m!r}")
+        makers = plan(lm, opened, documents, recipe, wanted, rag_chunk, modes)
         with _question_bar(quiet, len(makers) * len(qas)) as step:
             results = evaluate(makers, qas, lm.device, max_new_tokens, step)
 

@@ -19,12 +19,22 @@ from .cache import PackCache
 from .codecs import Codec, codec_from_entry
 from .container import Container
 from .encoded import EncodedKV, EncodedPart
-from .errors import ModelMismatchError, PackError
+from .errors import ModelMismatchError, OptionError, PackError
 from .format import FORMAT_VERSION, decode_positions, unzstd
 from .framing import Framing
 from .models import LoadedModel, load_model
 from .ragged import RaggedKV, head_offsets, runs
 from .rope import place, rotaries
+
+POSITIONS = ("auto", "original", "compact")
+
+
+def visible(layer: RaggedKV, window: int | None, start: int) -> RaggedKV:
+    """``layer`` without the rows no question or answer token can see: with a sliding
+    ``window``, a token at position p >= ``start`` (where questions start) sees only keys
+    above p - window. The file keeps them (a rebuild may need them as context); the device
+    does not."""
+    return layer if window is None else layer.where(layer.positions > start - window)
 
 
 class Pack:
@@ -36,6 +46,7 @@ class Pack:
         self.header = h = self._read_header()
         self._tensors: dict[str, torch.Tensor] = {}
         self._runs: dict[int, list[int]] = {}
+        self._compact: tuple[list[torch.Tensor], int] | None = None
         try:
             self._check_structure()
             self.positions = decode_positions(  # per layer [N]
@@ -284,15 +295,36 @@ class Pack:
                 raise ModelMismatchError(f"{self.path}: corrupt pack (model.{key} is {self.model[key]}, but "
                                          f"{lm.name!r} has {value}): rebuild it")
 
-    def place(self, lm: LoadedModel) -> list[RaggedKV | EncodedKV]:
+    def attended_positions(self, mode: str = "auto") -> tuple[list[torch.Tensor], int]:
+        """Each layer's positions ``[N]`` at which its keys are attended, and the position
+        questions start at (docs/kvpack-format.md, section 4).
+
+        ``original``: the stored positions; questions follow the whole corpus. ``compact``:
+        each kept position's rank among the distinct positions kept anywhere in the pack
+        (every layer and head), so the cache reads as a short, dense context in corpus order
+        and questions follow right after its last kept token. ``auto``: ``original``, since
+        every pack this version builds fits its model's window. With every token kept both
+        are the same.
+        """
+        if mode not in POSITIONS:
+            raise OptionError(f"positions must be one of {', '.join(POSITIONS)}, got {mode!r}")
+        if mode != "compact":
+            return self.positions, self.question_position
+        if self._compact is None:
+            distinct = torch.unique(torch.cat(self.positions))  # sorted
+            self._compact = ([torch.searchsorted(distinct, p).to(p.dtype) for p in self.positions], len(distinct))
+        return self._compact
+
+    def place(self, lm: LoadedModel, positions: str = "auto") -> list[RaggedKV | EncodedKV]:
         """The pack's KV made attendable on ``lm``'s device and dtype, one layer at a time:
-        each layer's keys rotated to their stored positions in one call for all heads.
-        Questions start at ``question_position``. Refuses another model than the pack's.
+        each layer's keys rotated to their positions (:meth:`attended_positions` of
+        ``positions``) in one call for all heads. Refuses another model than the pack's.
 
         Quantised layers stay encoded on the device (:class:`~kvcompile.encoded.EncodedKV`,
         decoded per use), except those with a sliding window, which are decoded here so
         that the rows no question can see are dropped."""
         self.check_model(lm)
+        at, start = self.attended_positions(positions)
         per_layer = rotaries(lm.model) if self.model["rope"] else [None] * len(self.kept)
         out: list[RaggedKV | EncodedKV] = []
         for li in range(len(self.kept)):
@@ -300,41 +332,38 @@ class Pack:
             parts = [self.encoded(li, part) for part in ("keys", "values")]
             if window is None and all(codec.quantised for codec, _, _ in parts):
                 keys, values = (EncodedPart.place(*p, self.head_dim, lm.device) for p in parts)
-                out.append(EncodedKV(keys, values, self.positions[li].to(lm.device),
-                                     head_offsets(self.kept[li], lm.device), tuple(self.kept[li]), per_layer[li],
-                                     lm.dtype))
+                out.append(EncodedKV(keys, values, at[li].to(lm.device), head_offsets(self.kept[li], lm.device),
+                                     tuple(self.kept[li]), per_layer[li], lm.dtype))
             else:
-                out.append(place(self.visible(li, window), [per_layer[li]], lm.device, lm.dtype))
+                layer = self.layer(li).replace(positions=at[li])
+                out.append(place(visible(layer, window, start), [per_layer[li]], lm.device, lm.dtype))
         return out
-
-    def visible(self, li: int, window: int | None) -> RaggedKV:
-        """Layer ``li`` without the rows no question or answer token can see: with a sliding
-        ``window``, a token at position p >= question_position sees only keys above p - window.
-        The file keeps them (a rebuild may need them as context); the device does not."""
-        layer = self.layer(li)
-        return layer if window is None else layer.where(layer.positions > self.question_position - window)
 
     @property
     def question_position(self) -> int:
+        """Where questions start at the stored positions (``original``)."""
         return self.layout["question_position"]
 
-    def cache(self, model: LoadedModel | str | None = None, kv: list[RaggedKV] | None = None) -> PackCache:
+    def cache(self, model: LoadedModel | str | None = None, kv: list[RaggedKV] | None = None,
+              positions: str = "auto") -> PackCache:
         """A fresh transformers ``Cache`` over this pack, for one question.
 
         For callers of ``model.generate``: inside ``kvcompile.attention.pack_attention(model)``,
-        pass input ids that start with ``question_position`` placeholder ids (they are never
-        embedded: generate only feeds the ids past the cache's length). See docs/python-api.md.
+        pass input ids that start with ``attended_positions(positions)[1]`` placeholder ids
+        (``question_position`` by default; they are never embedded: generate only feeds the
+        ids past the cache's length). See docs/python-api.md.
         """
         if kv is None:
             lm = model if isinstance(model, LoadedModel) else load_model(model or self.model["name"], progress=False)
-            kv = self.place(lm)
-        return PackCache(kv, self.question_position)
+            kv = self.place(lm, positions)
+        return PackCache(kv, self.attended_positions(positions)[1])
 
-    def session(self, model: LoadedModel | str | None = None):
-        """A :class:`~kvcompile.session.Session` answering questions from this pack."""
+    def session(self, model: LoadedModel | str | None = None, positions: str = "auto"):
+        """A :class:`~kvcompile.session.Session` answering questions from this pack, its keys
+        at ``positions`` (:meth:`attended_positions`)."""
         from .session import Session
 
-        return Session(self, model)
+        return Session(self, model, positions)
 
     # -- sizes -------------------------------------------------------------------------
 

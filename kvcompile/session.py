@@ -28,14 +28,16 @@ class Answer:
 
 
 class Session:
-    """Ask questions of a pack. ``model`` is a LoadedModel, a model name, or None for the pack's."""
+    """Ask questions of a pack. ``model`` is a LoadedModel, a model name, or None for the pack's;
+    ``positions``: where its keys stand (``original``, ``compact`` or ``auto``,
+    :meth:`~kvcompile.pack.Pack.attended_positions`)."""
 
-    def __init__(self, pack, model: LoadedModel | str | None = None):
+    def __init__(self, pack, model: LoadedModel | str | None = None, positions: str = "auto"):
         t0 = time.perf_counter()
         self.pack = pack
         self.lm = model if isinstance(model, LoadedModel) else load_model(model or pack.model["name"], progress=False)
-        self.kv = pack.place(self.lm)  # refuses another model than the pack's
-        self.start = pack.question_position
+        self.kv = pack.place(self.lm, positions)  # refuses another model than the pack's
+        self.start = pack.attended_positions(positions)[1]
         self.framing = pack.framing
         self.load_seconds = time.perf_counter() - t0
 

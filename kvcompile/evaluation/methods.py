@@ -80,16 +80,19 @@ class SessionMethod(Method):
         return text.strip(), timings
 
 
-def pack_method(pack, lm: LoadedModel) -> SessionMethod:
-    """A pack, loaded as ``kvcompile query`` loads it; its bytes are the pack's KV payload."""
+def pack_method(pack, lm: LoadedModel, positions: str = "auto") -> SessionMethod:
+    """A pack, loaded as ``kvcompile query --positions`` loads it; its bytes are the pack's KV
+    payload. Named ``kvcompile@RATIO``, with the codec and compacted positions in brackets
+    (``kvcompile[int4,compact]@0.25``): such a variant is compared with the plain pack."""
     t0 = time.perf_counter()
-    session = Session(pack, lm)
+    session = Session(pack, lm, positions)
     ratio = mean_kept(pack) / pack.layout["tokens"]
     o = pack.header["options"]
     label = f"{o['ratio']:g}" if o.get("ratio") is not None else f"{o['budget']}tok"
-    quant = f"[{o['quant']['name']}]" if "quant" in o else ""  # codec and selection side by side
+    tags = ([o["quant"]["name"]] if "quant" in o else []) + (["compact"] if positions == "compact" else [])
+    variant = f"[{','.join(tags)}]" if tags else ""  # codec, positions and selection side by side
     sizes = pack.sizes()
-    return SessionMethod(session, f"kvcompile{quant}@{label}", "pack", ratio,
+    return SessionMethod(session, f"kvcompile{variant}@{label}", "pack", ratio,
                          kv_bytes=sizes["keys"] + sizes["values"] + sizes["positions"],
                          setup_seconds=time.perf_counter() - t0)
 

@@ -36,9 +36,11 @@ def check_corpus(pack, documents: Sequence[Document]) -> None:
 
 
 def plan(lm: LoadedModel, packs: Sequence, documents: Sequence[Document] | None, recipe: Recipe,
-         baselines: Sequence[str], rag_chunk: int = 128) -> list[Callable[[], Method]]:
+         baselines: Sequence[str], rag_chunk: int = 128,
+         positions: Sequence[str] = ("auto",)) -> list[Callable[[], Method]]:
     """One maker per method: the baselines (``full``, ``none``, and ``rag`` at each pack's
-    token budget), then the packs. Makers are called one at a time by `evaluate`."""
+    token budget), then the packs, each at every mode of ``positions``. Makers are called
+    one at a time by `evaluate`."""
     if not packs and "rag" in baselines:
         raise OptionError("the rag baseline takes its token budget from a pack: give a pack or --sweep")
     makers: list[Callable[[], Method]] = []
@@ -56,7 +58,7 @@ def plan(lm: LoadedModel, packs: Sequence, documents: Sequence[Document] | None,
         if "none" in baselines:
             makers.append(partial(prefill_method, lm, tk.framing, tk.prefix_ids, "none", "none", 0.0))
     for pack in packs:
-        makers.append(partial(pack_method, pack, lm))
+        makers += [partial(pack_method, pack, lm, mode) for mode in positions]
         if "rag" in baselines:
             budget = round(mean_kept(pack))
             ratio = budget / pack.layout["tokens"]
