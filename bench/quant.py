@@ -65,12 +65,14 @@ CACHES = ("quanto:4", "quanto:2")  # transformers' QuantizedCache, backend:bits,
 
 
 @torch.no_grad()
-def encoded_kv(pack, lm, options: BuildOptions) -> tuple[list[RaggedKV], int]:
-    """The pack's rows through ``options``' codecs, placed as the loader places them; and the
-    bytes of the encoded keys and values plus the pack's positions."""
+def encoded_kv(pack, lm, options: BuildOptions, positions: str = "original") -> tuple[list[RaggedKV], int]:
+    """The pack's rows through ``options``' codecs, placed as the loader places them (keys at
+    ``positions``, :meth:`Pack.attended_positions`); and the bytes of the encoded keys and
+    values plus the pack's positions."""
     cap = lm.capability
     codecs = options.codecs(cap.num_layers, cap.head_dim)
     per_layer = rotaries(lm.model)
+    at, _ = pack.attended_positions(positions)
     kv, nbytes = [], pack.sizes()["positions"]
     for li, (kc, vc) in enumerate(codecs):
         layer, runs = pack.layer(li), pack.runs(li)
@@ -80,7 +82,8 @@ def encoded_kv(pack, lm, options: BuildOptions) -> tuple[list[RaggedKV], int]:
             encoded = codec.encode(rows.float(), runs)
             nbytes += sum(t.numel() * t.element_size() for t in encoded.values())
             parts.append(codec.decode(encoded, runs, cap.head_dim))
-        kv.append(place(layer.replace(keys=parts[0], values=parts[1]), [per_layer[li]], lm.device, lm.dtype))
+        layer = layer.replace(keys=parts[0], values=parts[1], positions=at[li])
+        kv.append(place(layer, [per_layer[li]], lm.device, lm.dtype))
     return kv, nbytes
 
 
@@ -143,15 +146,16 @@ def run_corpus(spec: str, lm, recipe, ratios, quants, stacked, press_names, n_qu
         pack = load(path)
         full_bytes = pack.sizes()["full_fp16"]
         for q in (quants if r == 1 else stacked):
-            name, _, share = q.partition("/")  # int2/0.05: with a share of rows stored exactly
+            q_codec, _, positions = q.partition("+")  # fp16+compact: keys at compacted positions
+            name, _, share = q_codec.partition("/")  # int2/0.05: with a share of rows stored exactly
             options = BuildOptions(ratio=r, quant="none" if name == "fp16" else name,
                                    layer_bits=bits if name == "kvmix" else None,
                                    quant_outliers=float(share) if share else None)
 
-            def make(q=q, options=options, pack=pack, r=r):
+            def make(q=q, options=options, pack=pack, r=r, positions=positions or "original"):
                 t = time.perf_counter()
-                kv, nbytes = encoded_kv(pack, lm, options)
-                session = Session.over(lm, tk.framing, kv, pack.question_position)
+                kv, nbytes = encoded_kv(pack, lm, options, positions)
+                session = Session.over(lm, tk.framing, kv, pack.attended_positions(positions)[1])
                 return SessionMethod(session, f"{q}@{r:g}", "pack", r, kv_bytes=nbytes,
                                      setup_seconds=time.perf_counter() - t)
             makers.append(make)
@@ -305,7 +309,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", default="1,0.5,0.25,0.1")
     ap.add_argument("--quants", default=",".join(QUANTS), help="codecs at ratio 1 (name, or name/share: "
                     "with that share of rows stored exactly)")
-    ap.add_argument("--stacked", default=",".join(STACKED), help="codecs at the ratios below 1")
+    ap.add_argument("--stacked", default=",".join(STACKED), help="codecs at the ratios below 1 (name+compact: "
+                    "with the keys at compacted positions, compared with the fp16 pack at original ones)")
     ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses at fp16 ('' for none)")
     ap.add_argument("--caches", default=",".join(CACHES), help="transformers QuantizedCache references over the "
                     "full context, backend:bits ('' for none; skipped where the backend is not installed)")
