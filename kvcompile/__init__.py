@@ -3,6 +3,8 @@
     import kvcompile
     pack = kvcompile.load("faq.kvpack")
     print(pack.session().ask("How do I reset my password?").text)
+
+    both = kvcompile.compose(["handbook.kvpack", "notes.kvpack"])  # several packs as one context
 """
 
 __version__ = "0.1.0"
@@ -13,3 +15,12 @@ def load(path, verify: bool = True):
     from .pack import load as _load
 
     return _load(path, verify=verify)
+
+
+def compose(packs, model=None, positions: str = "compact"):
+    """A session over several packs (paths or loaded packs) as one context; see
+    :func:`kvcompile.composition.compose`."""
+    from .composition import compose as _compose
+
+    return _compose([p if not isinstance(p, (str, bytes)) and hasattr(p, "layout") else load(p) for p in packs],
+                    model, positions)

@@ -61,7 +61,7 @@ def _show(text: object) -> str:
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks on errors.")
 ModelOpt = typer.Option(None, "--model", "-m", help="Model: an alias (smollm2-135m, qwen2.5-coder-0.5b), a local directory or .gguf file, or a Hub id.")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
-PositionsOpt = typer.Option("auto", "--positions", help="Where the kept keys stand: original (their corpus positions), compact (contiguous, in corpus order, the question right after the last kept token), or auto (original while the pack fits the model's window).")
+PositionsOpt = typer.Option("auto", "--positions", help="Where the kept keys stand: original (their corpus positions), compact (contiguous within each layer and KV head, in corpus order; the question right after the longest head), or auto (original while the pack fits the model's window).")
 
 
 @app.command()
@@ -189,8 +189,7 @@ def _print_plan(rebuild, verbose: bool) -> None:
 
 @app.command()
 def query(
-    pack: Path = typer.Argument(..., help="The .kvpack to ask."),
-    question: Optional[str] = typer.Argument(None, help="The question; without one, an interactive prompt."),
+    args: List[str] = typer.Argument(..., metavar="PACK... [QUESTION]", help="The .kvpack to ask (several: answered as one context, one after another), then the question; without one, an interactive prompt."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Longest answer, in tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer and timings as JSON."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to use (default: the pack's)."),
@@ -198,20 +197,25 @@ def query(
     device: Optional[str] = DeviceOpt,
     debug: bool = DebugOpt,
 ) -> None:
-    """Answer QUESTION from PACK (streamed), or start a prompt loop."""
+    """Answer QUESTION from PACK (streamed), or start a prompt loop. Several packs built with one
+    model are answered as one context (compacted positions unless --positions original)."""
+    from .composition import compose
     from .models import load_model
     from .pack import load
 
     with _errors(debug):
         t0 = time.perf_counter()
-        p = load(pack)
-        lm = load_model(model or p.model["name"], device=device, progress=False)
-        session = p.session(lm, positions)
+        paths, question = _packs_and_question(args)
+        packs = [load(p) for p in paths]
+        lm = load_model(model or packs[0].model["name"], device=device, progress=False)
+        session = packs[0].session(lm, positions) if len(packs) == 1 else compose(packs, lm, positions)
         load_s = time.perf_counter() - t0
         if question is not None:
             _answer(session, question, max_new_tokens, as_json, load_s)
             return
-        err.print(f"[dim]{_show(p.path)}: {p.header['corpus']['documents']} documents; empty line or Ctrl-D to quit[/]")
+        documents = sum(p.header["corpus"]["documents"] for p in packs)
+        err.print(f"[dim]{', '.join(_show(p.path) for p in packs)}: {documents} documents; "
+                  "empty line or Ctrl-D to quit[/]")
         while True:
             try:
                 q = input("? ")
@@ -223,6 +227,15 @@ def query(
                 _answer(session, q, max_new_tokens, as_json, load_s)
             except KvcompileError as e:  # a bad question does not end the session
                 _error(str(e))
+
+
+def _packs_and_question(args: list[str]) -> tuple[list[Path], str | None]:
+    """``PACK... [QUESTION]``: the last argument is the question unless it names a pack (a
+    ``.kvpack`` path or an existing file)."""
+    last = args[-1]
+    if len(args) == 1 or last.endswith(".kvpack") or Path(last).is_file():
+        return [Path(a) for a in args], None
+    return [Path(a) for a in args[:-1]], last
 
 
 def _answer(session, question: str, max_new_tokens: int, as_json: bool, load_s: float) -> None:

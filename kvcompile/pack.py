@@ -23,7 +23,7 @@ from .errors import ModelMismatchError, OptionError, PackError
 from .format import FORMAT_VERSION, decode_positions, unzstd
 from .framing import Framing
 from .models import LoadedModel, load_model
-from .ragged import RaggedKV, head_offsets, runs
+from .ragged import RaggedKV, head_offsets, runs, within_heads
 from .rope import place, rotaries
 
 POSITIONS = ("auto", "original", "compact")
@@ -300,19 +300,18 @@ class Pack:
         questions start at (docs/kvpack-format.md, section 4).
 
         ``original``: the stored positions; questions follow the whole corpus. ``compact``:
-        each kept position's rank among the distinct positions kept anywhere in the pack
-        (every layer and head), so the cache reads as a short, dense context in corpus order
-        and questions follow right after its last kept token. ``auto``: ``original``, since
-        every pack this version builds fits its model's window. With every token kept both
-        are the same.
+        each kept token at its rank within its own (layer, KV head), as kvpress re-rotates
+        pruned keys, so every head reads a short, dense context in corpus order; questions
+        start after the longest head. ``auto``: ``original``, since every pack this version
+        builds fits its model's window. With every token kept both are the same.
         """
         if mode not in POSITIONS:
             raise OptionError(f"positions must be one of {', '.join(POSITIONS)}, got {mode!r}")
         if mode != "compact":
             return self.positions, self.question_position
         if self._compact is None:
-            distinct = torch.unique(torch.cat(self.positions))  # sorted
-            self._compact = ([torch.searchsorted(distinct, p).to(p.dtype) for p in self.positions], len(distinct))
+            self._compact = ([within_heads(k).to(p.dtype) for k, p in zip(self.kept, self.positions)],
+                             max(max(k) for k in self.kept))
         return self._compact
 
     def place(self, lm: LoadedModel, positions: str = "auto") -> list[RaggedKV | EncodedKV]:

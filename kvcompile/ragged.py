@@ -56,6 +56,14 @@ def runs(positions: torch.Tensor, lengths: Sequence[int], boundaries: Sequence[i
     return torch.bincount(index, minlength=heads * bins).tolist()
 
 
+def within_heads(lengths: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[N]`` each row's index within its head, for rows grouped by head with ``lengths``."""
+    lengths_t = torch.tensor(list(lengths), dtype=torch.int64, device=device)
+    n = int(sum(lengths))
+    starts = torch.cumsum(lengths_t, 0) - lengths_t
+    return torch.arange(n, device=device) - torch.repeat_interleave(starts, lengths_t, output_size=n)
+
+
 class HeadLengths:
     """The shape of per-head ragged rows, from ``lengths`` (one count per KV head)."""
 
