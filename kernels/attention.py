@@ -187,6 +187,13 @@ def _query_tile(q_ptr, stride_qb, stride_qh, stride_qi, H, q_len,
 
 
 @triton.jit
+def _empty_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The online softmax's state before any key: accumulator 0, running max -inf, sum 0."""
+    return (tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), tl.full([BLOCK_M], float("-inf"), tl.float32),
+            tl.zeros([BLOCK_M], dtype=tl.float32))
+
+
+@triton.jit
 def _split_range(offsets_ptr, h, q_len, t, num_splits, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     """Head ``h``'s first prefix row and length ``n``, and this split's share ``[lo, hi)`` of the
@@ -246,9 +253,7 @@ def _ragged_attention_kernel(
                                                    GROUP, HEAD_DIM, BLOCK_M, UPCAST)
     p_start, n, lo, hi = _split_range(offsets_ptr, h, q_len, t, num_splits, GROUP, BLOCK_M, BLOCK_N)
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _empty_state(BLOCK_M, HEAD_DIM)
 
     q_pos = start + t - q_len + tok  # the queries' positions (read only with WINDOW)
     # Prefix rows [lo, min(hi, n)) of head h: no causal mask, only the tail (and the window).

@@ -33,6 +33,7 @@ from .attention import (
     Launch,
     _attend_new,
     _check_inputs,
+    _empty_state,
     _finish_tile,
     _out_shape,
     _query_tile,
@@ -189,9 +190,7 @@ def _quant_attention_kernel(
                                                    GROUP, HEAD_DIM, BLOCK_M, UPCAST)
     p_start, n, lo, hi = _split_range(offsets_ptr, h, q_len, t, num_splits, GROUP, BLOCK_M, BLOCK_N)
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _empty_state(BLOCK_M, HEAD_DIM)
 
     # Prefix rows [lo, min(hi, n)) of head h.
     p_hi = tl.minimum(hi, n)
