@@ -84,10 +84,10 @@ echo "bench/gpu.py exit status $bench_rc"
 
 test_rc=0
 tests=${CUDA_TESTS:-$(ls tests/test_*cuda*.py 2>/dev/null | tr "\n" " ")}
-if [ -n "$tests" ] && [ "${TEST_TIMEOUT_S:-90}" != 0 ]; then
+if [ -n "$tests" ] && [ "${TEST_TIMEOUT_S:-120}" != 0 ]; then
   step "CUDA tests: $tests"
   # shellcheck disable=SC2086
-  timeout --signal=INT --kill-after=10 "${TEST_TIMEOUT_S:-90}" $PY -m pytest -x -q -p no:cacheprovider $tests
+  timeout --signal=INT --kill-after=10 "${TEST_TIMEOUT_S:-120}" $PY -m pytest -x -q -p no:cacheprovider $tests
   test_rc=$?
   echo "CUDA tests exit status $test_rc"
 fi

@@ -232,8 +232,8 @@ def test_rvq_decode_realistic(kernels, interleave):
                                atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("kbits, vbits, outliers", [(4, 4, 0.0), (3, 4, 0.1), (2, 2, 0.1), (8, 8, 0.0)])
-@pytest.mark.parametrize("q_len, t", [(1, 1), (1, 200), (16, 16)])
+@pytest.mark.parametrize("kbits, vbits, outliers", [(4, 4, 0.0), (3, 4, 0.1), (2, 2, 0.1)])
+@pytest.mark.parametrize("q_len, t", [(1, 200), (16, 16)])
 def test_quant_attention_realistic_bf16(kernels, kbits, vbits, outliers, q_len, t):
     """Attention over an integer-coded prefix of ~40k rows (8 KV heads, head_dim 128, GQA 4,
     keys rotated in the kernel at positions up to 30k) against the reference, split and unsplit."""
