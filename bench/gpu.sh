@@ -12,7 +12,7 @@
 #   BENCH_ARGS       extra arguments for bench/gpu.py, e.g. "--tokens 32768"
 #   BENCH_BUDGET_S   bench/gpu.py --budget-s (default 280): sizes and phases that would overrun it are skipped
 #   BENCH_TIMEOUT_S  hard limit for bench/gpu.py (default BENCH_BUDGET_S + 45)
-#   TEST_TIMEOUT_S   hard limit for the CUDA tests (default 90; 0 skips them)
+#   TEST_TIMEOUT_S   hard limit for the CUDA tests (default 120; 0 skips them)
 # With the defaults the whole script ends within about 7.5 minutes (device tool: timeout_s=480).
 #   PYTHON           the interpreter (default python3)   SITE   install folder (default /tmp/kvcompile-site)
 set -uo pipefail
