@@ -293,6 +293,8 @@ def inspect(
                 "options": h["options"], "documents": documents, "cache_tokens": full, "kept": kept,
                 "kept_share": sum(map(sum, kept)) / (full * len(kept) * len(kept[0])), "bytes": sizes,
                 "heads": heads_total(p), "storage": p.storage(),
+                "question_position": {"original": p.question_position,
+                                      "compact": p.attended_positions("compact")[1]},
             }
             if view:
                 info["framing"] = {k: v for k, v in view.framing.to_json().items() if k != "path"}
@@ -310,6 +312,8 @@ def inspect(
                   f"scorer {_show(o['scorer']['name'])}, codec {_show(o['codec']['name'])}, chunk {o['chunk_size']}",
                   soft_wrap=True)
         out.print(f"corpus    {len(manifest)} documents, {h['corpus']['tokens']} tokens (+{full - h['corpus']['tokens']} framing)")
+        out.print(f"positions questions start at {p.question_position} (original) or "
+                  f"{p.attended_positions('compact')[1]} (--positions compact: the longest head's kept tokens)")
         spans = ["top kept span"] if view else []
         docs = Table("document", "tokens", "kept", "sha256", *spans, box=None, pad_edge=False)
         for i, d in enumerate(manifest[:20]):

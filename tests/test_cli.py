@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import kvcompile
 from kvcompile.cli import app
 from kvcompile.container import Container
 
@@ -88,6 +89,9 @@ def test_inspect_text(cli_pack, tiny_model_dir):
     assert str(tiny_model_dir) in result.stdout
     assert "billing.txt" in result.stdout and "support.txt" in result.stdout
     assert "recipe    qa" in result.stdout
+    pack = kvcompile.load(out)
+    compact = pack.attended_positions("compact")[1]
+    assert f"questions start at {pack.question_position} (original) or {compact} (--positions compact" in result.stdout
 
 
 def test_inspect_json(cli_pack):
@@ -96,6 +100,8 @@ def test_inspect_json(cli_pack):
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     header = json.loads(Container(out).metadata["kvpack"])
+    assert info["question_position"]["original"] == header["cache"]["question_position"]
+    assert info["question_position"]["compact"] == max(max(layer) for layer in header["cache"]["kept"])
     m = info["model"]
     layers, kv_heads, head_dim = m["num_layers"], m["num_kv_heads"], m["head_dim"]
     assert (layers, kv_heads, head_dim) == (2, 2, 16)
