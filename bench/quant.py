@@ -219,19 +219,21 @@ def aggregate(runs: list[dict]) -> list[dict]:
             if r.kind in ("full", "none"):
                 continue
             z = linearised(run["results"], r)
-            entry = by.setdefault(r.name, {"method": r.name, "kind": r.kind, "z": [], "diff": [], "x": []})
+            entry = by.setdefault(r.name, {"method": r.name, "kind": r.kind, "z": [], "diff": [], "x": [],
+                                           "ref_z": []})
             entry["z"].append(z)
             entry["x"].append(run["full_fp16_bytes"] / r.kv_bytes)
             family, _, ratio = r.name.partition("@")
             ref = res.get(f"fp16@{ratio}")
+            if ref is not None:  # "of fp16" divides by the fp16 pack on the same corpora
+                entry["ref_z"].append(linearised(run["results"], ref))
             if r.kind == "pack" and ref is not None and ref is not r:
                 entry["diff"].append([a - b for a, b in zip(z, linearised(run["results"], ref))])
     out = []
     for name, e in by.items():
         gain = stats.pooled(e["z"])
         diff = stats.pooled(e["diff"]) if e["diff"] else None
-        ref = by.get(f"fp16@{name.partition('@')[2]}")
-        ref_gain = stats.pooled(ref["z"]).mean if ref else float("nan")
+        ref_gain = stats.pooled(e["ref_z"]).mean if e["ref_z"] else float("nan")
         out.append({"method": name, "kind": e["kind"], "gain_kept": gain.mean, "se": gain.se,
                     "times_smaller": sum(e["x"]) / len(e["x"]),
                     "of_fp16_pack": gain.mean / ref_gain if ref_gain and not math.isnan(ref_gain) else None,
@@ -257,8 +259,8 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict) -> str:
         "the per-question difference from it ± its standard error. Reproduce: "
         f"`{meta['command']}`.",
         "",
-        "| method | kept ratio | x smaller | gain kept | of fp16 | minus fp16 pack (paired) |",
-        "|---|---|---|---|---|---|",
+        "| method | kept ratio | x smaller | gain kept | of fp16 | minus fp16 pack (paired) | questions |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (-float(r["method"].partition("@")[2] or 0), r["kind"] != "pack",
                                          r["method"])):
@@ -266,7 +268,7 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict) -> str:
         paired = (f"{r['minus_fp16_pack']:+.3f} ± {r['minus_fp16_pack_se']:.3f}"
                   if r["minus_fp16_pack"] is not None and fam != "fp16" else "–")
         lines.append(f"| {fam} | {ratio} | {r['times_smaller']:.1f} | {_f(r['gain_kept'])} ± {_f(r['se'])} | "
-                     f"{_f(r['of_fp16_pack'])} | {paired} |")
+                     f"{_f(r['of_fp16_pack'])} | {paired} | {r['questions']} |")
     lines += ["", "kvmix bits per layer (keys, values), from each corpus's profile:", ""]
     for run in runs:
         if run.get("kvmix_bits"):
