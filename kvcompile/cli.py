@@ -61,7 +61,7 @@ def _show(text: object) -> str:
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks on errors.")
 ModelOpt = typer.Option(None, "--model", "-m", help="Model: an alias (smollm2-135m, qwen2.5-coder-0.5b), a local directory or .gguf file, or a Hub id.")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
-PositionsOpt = typer.Option("auto", "--positions", help="Where the kept keys stand: original (their corpus positions), compact (contiguous within each layer and KV head, in corpus order; the question right after the longest head), or auto (original while the pack fits the model's window).")
+PositionsOpt = typer.Option("auto", "--positions", help="Where the kept keys stand: compact (contiguous within each layer and KV head, in corpus order; the question right after the longest head), original (their corpus positions), or auto (compact; original for models with absolute positions).")
 
 
 @app.command()
@@ -233,7 +233,11 @@ def _packs_and_question(args: list[str]) -> tuple[list[Path], str | None]:
     """``PACK... [QUESTION]``: the last argument is the question unless it names a pack (a
     ``.kvpack`` path or an existing file)."""
     last = args[-1]
-    if len(args) == 1 or last.endswith(".kvpack") or Path(last).is_file():
+    try:
+        names_a_file = Path(last).is_file()
+    except (OSError, ValueError):  # a question too long, or with a NUL, to be a path
+        names_a_file = False
+    if len(args) == 1 or last.endswith(".kvpack") or names_a_file:
         return [Path(a) for a in args], None
     return [Path(a) for a in args[:-1]], last
 
@@ -312,8 +316,8 @@ def inspect(
                   f"scorer {_show(o['scorer']['name'])}, codec {_show(o['codec']['name'])}, chunk {o['chunk_size']}",
                   soft_wrap=True)
         out.print(f"corpus    {len(manifest)} documents, {h['corpus']['tokens']} tokens (+{full - h['corpus']['tokens']} framing)")
-        out.print(f"positions questions start at {p.question_position} (original) or "
-                  f"{p.attended_positions('compact')[1]} (--positions compact: the longest head's kept tokens)")
+        out.print(f"positions questions start at {p.attended_positions('compact')[1]} (compact: the longest head's "
+                  f"kept tokens) or {p.question_position} (--positions original)", soft_wrap=True)
         spans = ["top kept span"] if view else []
         docs = Table("document", "tokens", "kept", "sha256", *spans, box=None, pad_edge=False)
         for i, d in enumerate(manifest[:20]):
@@ -421,7 +425,7 @@ def eval_(
     baselines: str = typer.Option("full,rag,none", "--baselines", help="Comma-separated: full, rag, none ('' for none)."),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="Also build and evaluate packs at these kept ratios, e.g. 0.5,0.25,0.1."),
     quant: str = typer.Option("none", "--quant", help="With --sweep: build each ratio with these codecs, e.g. none,int4,kvmix (quantised packs are compared with the fp16 pack of their ratio)."),
-    positions: str = typer.Option("auto", "--positions", help="Evaluate each pack with its keys at these positions, comma-separated: original, compact, auto (compacted packs are compared with the same pack at original positions)."),
+    positions: str = typer.Option("auto", "--positions", help="Evaluate each pack with its keys at these positions, comma-separated: auto, original, compact (e.g. auto,original: a pack at original positions, named kvcompile[original]@RATIO, is compared with the same pack at the default)."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Recipe for --sweep builds (default: qa)."),
     questions: Optional[int] = typer.Option(None, "--questions", "-n", help="Ask only the first N questions."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Longest generated answer, in tokens."),

@@ -302,11 +302,14 @@ class Pack:
         ``original``: the stored positions; questions follow the whole corpus. ``compact``:
         each kept token at its rank within its own (layer, KV head), as kvpress re-rotates
         pruned keys, so every head reads a short, dense context in corpus order; questions
-        start after the longest head. ``auto``: ``original``, since every pack this version
-        builds fits its model's window. With every token kept both are the same.
+        start after the longest head. ``auto``: ``compact`` for RoPE models (measured better:
+        docs/methods.md), ``original`` for models with absolute positions, whose stored KV
+        holds its positions. With every token kept both are the same.
         """
         if mode not in POSITIONS:
             raise OptionError(f"positions must be one of {', '.join(POSITIONS)}, got {mode!r}")
+        if mode == "auto":
+            mode = "compact" if self.model["rope"] else "original"
         if mode != "compact":
             return self.positions, self.question_position
         if self._compact is None:

@@ -91,7 +91,8 @@ def test_inspect_text(cli_pack, tiny_model_dir):
     assert "recipe    qa" in result.stdout
     pack = kvcompile.load(out)
     compact = pack.attended_positions("compact")[1]
-    assert f"questions start at {pack.question_position} (original) or {compact} (--positions compact" in result.stdout
+    assert f"questions start at {compact} (compact" in result.stdout
+    assert f"or {pack.question_position} (--positions original)" in result.stdout
 
 
 def test_inspect_json(cli_pack):

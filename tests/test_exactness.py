@@ -70,7 +70,7 @@ def test_generate_with_pack_cache_matches_session(tiny_lm, tiny_pack):
     pack = kvcompile.load(tiny_pack)
     session = pack.session(tiny_lm)
     q = session.question_ids("When was the company founded?")
-    start = pack.layout["question_position"]
+    start = pack.attended_positions()[1]  # where questions start (compacted by default)
     with pack_attention(tiny_lm.model):
         # `cache=` from transformers 5.24 on, `past_key_values=` before (and until 5.40).
         cache = {cache_argument(tiny_lm.model): pack.cache(tiny_lm)}

@@ -32,7 +32,7 @@ def test_compact_positions_are_each_kept_tokens_rank_within_its_head(tiny_pack):
         assert compact.tolist() == [i for head in heads for i in range(len(head))]
         assert all(bool((h.diff() > 0).all()) for h in heads)  # ranks follow corpus order
     assert pack.attended_positions("original") == (pack.positions, pack.question_position)
-    assert pack.attended_positions("auto") == pack.attended_positions("original")  # every pack fits its window
+    assert pack.attended_positions("auto") == pack.attended_positions("compact")  # the default for RoPE models
 
 
 @pytest.mark.parametrize("quant", ["none", "int4"])
@@ -52,7 +52,7 @@ def test_keys_are_rotated_to_their_compact_positions(tiny_lm, tiny_corpus, tmp_p
         torch.testing.assert_close(placed.positions, at[li])
         torch.testing.assert_close(placed.keys, rotary.apply(stored.keys, at[li]), atol=1e-5, rtol=1e-5)
     # moving the keys changes the answer (the question now follows the kept tokens)
-    original = pack.session(tiny_lm).first_token_logits(QUESTION)
+    original = pack.session(tiny_lm, positions="original").first_token_logits(QUESTION)
     assert (session.first_token_logits(QUESTION) - original).abs().max() > 1e-4
 
 
@@ -100,8 +100,10 @@ def test_cli_query_and_eval_take_positions(tiny_model_dir, tiny_pack, tiny_corpu
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"question": QUESTION, "answers": ["24 hours"]}) + "\n")
     evaluated = runner.invoke(app, ["eval", str(tiny_pack), "--qa", str(qa), "--corpus", str(tiny_corpus),
-                                    "--baselines", "full,none", "--positions", "original,compact", "--json",
+                                    "--baselines", "full,none", "--positions", "auto,original", "--json",
                                     "--model", str(tiny_model_dir), "--quiet", "--max-new-tokens", "2"])
     assert evaluated.exit_code == 0, evaluated.output
     names = [m["name"] for m in json.loads(evaluated.stdout)["methods"]]
-    assert "kvcompile@0.5" in names and "kvcompile[compact]@0.5" in names
+    assert "kvcompile@0.5" in names and "kvcompile[original]@0.5" in names
+    compared = {c["method"]: c["reference"] for c in json.loads(evaluated.stdout)["comparisons"]}
+    assert compared["kvcompile[original]@0.5"] == "kvcompile@0.5"

@@ -82,14 +82,15 @@ class SessionMethod(Method):
 
 def pack_method(pack, lm: LoadedModel, positions: str = "auto") -> SessionMethod:
     """A pack, loaded as ``kvcompile query --positions`` loads it; its bytes are the pack's KV
-    payload. Named ``kvcompile@RATIO``, with the codec and compacted positions in brackets
-    (``kvcompile[int4,compact]@0.25``): such a variant is compared with the plain pack."""
+    payload. Named ``kvcompile@RATIO``, with the codec and positions other than the default
+    in brackets (``kvcompile[int4,original]@0.25``): such a variant is compared with the
+    plain pack."""
     t0 = time.perf_counter()
     session = Session(pack, lm, positions)
     ratio = mean_kept(pack) / pack.layout["tokens"]
     o = pack.header["options"]
     label = f"{o['ratio']:g}" if o.get("ratio") is not None else f"{o['budget']}tok"
-    tags = ([o["quant"]["name"]] if "quant" in o else []) + (["compact"] if positions == "compact" else [])
+    tags = ([o["quant"]["name"]] if "quant" in o else []) + ([positions] if positions != "auto" else [])
     variant = f"[{','.join(tags)}]" if tags else ""  # codec, positions and selection side by side
     sizes = pack.sizes()
     return SessionMethod(session, f"kvcompile{variant}@{label}", "pack", ratio,
