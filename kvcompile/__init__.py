@@ -17,7 +17,7 @@ def load(path, verify: bool = True):
     return _load(path, verify=verify)
 
 
-def compose(packs, model=None, positions: str = "compact"):
+def compose(packs, model=None, positions: str = "auto"):
     """A session over several packs (paths or loaded packs) as one context; see
     :func:`kvcompile.composition.compose`."""
     from .composition import compose as _compose

@@ -46,25 +46,29 @@ def _corpus_rows(pack: Pack, mode: str, start: int, whole: bool) -> tuple[list[R
     return layers, max(layer.max_len for layer in layers) if mode == "compact" else end - prefix
 
 
-def compose(packs: Sequence[Pack], model: LoadedModel | str | None = None, positions: str = "compact") -> Session:
+def compose(packs: Sequence[Pack], model: LoadedModel | str | None = None, positions: str = "auto") -> Session:
     """A :class:`~kvcompile.session.Session` over ``packs`` as one context (module docstring).
 
     All packs must come from one model (refused naming both otherwise), and together fit its
     window. Quantised packs are decoded at load (a composed context is held in the model's
-    dtype). ``positions``: ``compact`` or ``original`` (``auto`` is ``compact``).
+    dtype). ``positions``: ``compact``, ``original`` or ``auto`` (``compact``; for a single pack of
+    a model with absolute positions, ``original``).
     """
     if not packs:
         raise OptionError("give at least one pack to compose")
     if positions not in POSITIONS:
         raise OptionError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
-    mode = "compact" if positions == "auto" else positions
     first = packs[0]
+    mode = positions if positions != "auto" else "compact" if first.model["rope"] else "original"
     for p in packs[1:]:
         if p.model["fingerprint"] != first.model["fingerprint"]:
             raise ModelMismatchError(
                 f"{p.path} was built with model {p.model['name']!r} ({p.model['fingerprint'][:12]}) and "
                 f"{first.path} with {first.model['name']!r} ({first.model['fingerprint'][:12]}): "
                 "compose packs built with one model")
+    if len(packs) > 1 and not first.model["rope"]:
+        raise OptionError(f"{first.model['name']!r} has absolute positions: a pack's KV holds them, so packs of it "
+                          "cannot be placed after one another; build one pack of all the corpora")
     lm = model if isinstance(model, LoadedModel) else load_model(model or first.model["name"], progress=False)
     parts, start = [], 0
     for k, pack in enumerate(packs):

@@ -101,3 +101,11 @@ def test_cli_query_answers_from_several_packs(tiny_model_dir, tiny_pack, tmp_pat
     assert json.loads(result.stdout)["question"] == QUESTION
     missing = runner.invoke(app, ["query", str(tiny_pack), str(tmp_path / "nope.kvpack"), QUESTION])
     assert missing.exit_code != 0 and "nope.kvpack" in missing.stderr and "Traceback" not in missing.output
+
+
+def test_packs_of_a_model_with_absolute_positions_are_not_composed(tiny_corpus, tmp_path):
+    lm = load_model(str(make_tiny_model(tmp_path / "gpt2", arch="gpt2")), device="cpu", progress=False)
+    a = _build(lm, [tiny_corpus], tmp_path / "a.kvpack", ratio=0.5)
+    with pytest.raises(OptionError, match="absolute positions"):
+        kvcompile.compose([a, a], lm)
+    assert kvcompile.compose([a], lm).start == a.question_position  # one pack: as loaded (original positions)
