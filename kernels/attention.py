@@ -396,31 +396,47 @@ def choose_num_splits(programs: int, max_keys: int, sm_count: int) -> int:
     return max(1, splits)
 
 
-def _check_inputs(query, prefix_keys, prefix_values, offsets, keys, values) -> None:
+def _check_inputs(query, offsets, keys, values) -> None:
+    """The query and the dense new tokens (and ``offsets``), whatever form the prefix has."""
     if query.dim() != 4 or keys.dim() != 4 or values.dim() != 4:
         raise ValueError("query, keys and values must be 4-D: [batch, heads, tokens, head_dim]")
-    if prefix_keys.dim() != 2 or prefix_values.dim() != 2:
-        raise ValueError("prefix_keys and prefix_values must be 2-D: [rows, head_dim]")
     batch, q_heads, _, head_dim = query.shape
     kv_heads = keys.shape[1]
     if keys.shape != values.shape or keys.shape[0] != batch or keys.shape[3] != head_dim:
         shapes = f"keys {tuple(keys.shape)} / values {tuple(values.shape)}"
         raise ValueError(f"{shapes} do not match query {tuple(query.shape)}")
-    if prefix_keys.shape != prefix_values.shape or prefix_keys.shape[1] != head_dim:
-        shapes = f"prefix_keys {tuple(prefix_keys.shape)} / prefix_values {tuple(prefix_values.shape)}"
-        raise ValueError(f"{shapes} do not match head_dim {head_dim}")
     if kv_heads == 0 or q_heads % kv_heads:
         raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
     if offsets.shape != (kv_heads + 1,) or offsets.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"offsets must be int32/int64 [{kv_heads + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
     if head_dim < 16 or head_dim > MAX_HEAD_DIM or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two in [16, {MAX_HEAD_DIM}], got {head_dim}")
-    dtypes = {t.dtype for t in (query, prefix_keys, prefix_values, keys, values)}
+    dtypes = {t.dtype for t in (query, keys, values)}
     if len(dtypes) != 1 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"all inputs must share one of float16/bfloat16/float32, got {sorted(map(str, dtypes))}")
-    devices = {t.device for t in (query, prefix_keys, prefix_values, offsets, keys, values)}
+    devices = {t.device for t in (query, offsets, keys, values)}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_prefix(query, prefix_keys, prefix_values) -> None:
+    """A dense prefix: ``[N, head_dim]`` rows in the query's dtype, on its device."""
+    if prefix_keys.dim() != 2 or prefix_values.dim() != 2:
+        raise ValueError("prefix_keys and prefix_values must be 2-D: [rows, head_dim]")
+    if prefix_keys.shape != prefix_values.shape or prefix_keys.shape[1] != query.shape[3]:
+        shapes = f"prefix_keys {tuple(prefix_keys.shape)} / prefix_values {tuple(prefix_values.shape)}"
+        raise ValueError(f"{shapes} do not match head_dim {query.shape[3]}")
+    dtypes = {t.dtype for t in (query, prefix_keys, prefix_values)}
+    if len(dtypes) != 1:
+        raise ValueError(f"all inputs must share one of float16/bfloat16/float32, got {sorted(map(str, dtypes))}")
+    devices = {t.device for t in (query, prefix_keys, prefix_values)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_sinks(query, sinks) -> None:
+    if sinks is not None and (sinks.shape != (query.shape[1],) or sinks.device != query.device):
+        raise ValueError(f"sinks must be [{query.shape[1]}] (one per query head) on the query's device")
 
 
 def ragged_attention(
@@ -469,7 +485,8 @@ def ragged_attention(
     whose last dimension is not contiguous is copied first. No host synchronisation: safe in a
     decode loop and under CUDA graph capture (for fixed shapes and ``num_splits``).
     """
-    _check_inputs(query, prefix_keys, prefix_values, offsets, keys, values)
+    _check_inputs(query, offsets, keys, values)
+    _check_prefix(query, prefix_keys, prefix_values)
     _check_features(query, prefix_keys, prefix_positions, window, sinks)
     # The kernel assumes a contiguous last dimension (true of views such as buf[:, :, :t] and transposes).
     query, prefix_keys, prefix_values, keys, values = (
@@ -563,8 +580,7 @@ def _check_features(query, prefix_keys, prefix_positions, window, sinks) -> None
                 or prefix_positions.dtype not in (torch.int32, torch.int64)
                 or prefix_positions.device != query.device):
             raise ValueError("a window needs prefix_positions: int32/int64 [N] on the query's device")
-    if sinks is not None and (sinks.shape != (query.shape[1],) or sinks.device != query.device):
-        raise ValueError(f"sinks must be [{query.shape[1]}] (one per query head) on the query's device")
+    _check_sinks(query, sinks)
 
 
 def ragged_attention_reference(

@@ -33,6 +33,7 @@ from .attention import (
     Launch,
     _attend_new,
     _check_inputs,
+    _check_sinks,
     _empty_state,
     _finish_tile,
     _out_shape,
@@ -266,11 +267,9 @@ def quant_attention(
     (fp32) and ``rope_scale`` (no rotation when ``inv_freq`` is None). No sliding window
     (a windowed layer's prefix is decoded and cut at load instead).
     """
-    _check_inputs(query, query.new_empty(0, query.shape[3]), query.new_empty(0, query.shape[3]), offsets, keys,
-                  values)
+    _check_inputs(query, offsets, keys, values)
     _check_quant(prefix_keys, prefix_values, positions, inv_freq, query.shape[3], query.device)
-    if sinks is not None and (sinks.shape != (query.shape[1],) or sinks.device != query.device):
-        raise ValueError(f"sinks must be [{query.shape[1]}] (one per query head) on the query's device")
+    _check_sinks(query, sinks)
     query, keys, values = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, keys, values))
     launch = Launch.plan(query, keys, max_len, num_splits, sinks, softcap is not None)
     if launch is None:

@@ -70,9 +70,10 @@ class EncodedPart:
         extra = [t for t in (self.groups, self.exact) if t is not None]
         return sum(t.numel() * t.element_size() for t in [*self.tensors.values(), *extra])
 
+    @cached_property
     def quant_rows(self):
         """The part as :func:`~kvcompile.kernels.quant_attention.quant_attention` reads it
-        (integer codes only)."""
+        (integer codes only; made once, read by every decode step)."""
         from .kernels.quant_attention import QuantRows
 
         c, t = self.codec, self.tensors
@@ -140,7 +141,7 @@ class EncodedKV(HeadLengths):
         from .kernels.quant_attention import quant_attention
 
         inv_freq, rope_scale = self._frequencies or (None, 1.0)
-        return quant_attention(query, self.keys.quant_rows(), self.values.quant_rows(), self.offsets, self.max_len,
+        return quant_attention(query, self.keys.quant_rows, self.values.quant_rows, self.offsets, self.max_len,
                                keys, values, scaling, positions=self.positions, inv_freq=inv_freq,
                                rope_scale=rope_scale, softcap=softcap, sinks=sinks)
 

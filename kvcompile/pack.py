@@ -352,8 +352,8 @@ class Pack:
 
         For callers of ``model.generate``: inside ``kvcompile.attention.pack_attention(model)``,
         pass input ids that start with ``attended_positions(positions)[1]`` placeholder ids
-        (``question_position`` by default; they are never embedded: generate only feeds the
-        ids past the cache's length). See docs/python-api.md.
+        (they are never embedded: generate only feeds the ids past the cache's length). See
+        docs/python-api.md.
         """
         if kv is None:
             lm = model if isinstance(model, LoadedModel) else load_model(model or self.model["name"], progress=False)
