@@ -5,6 +5,7 @@
     print(pack.session().ask("How do I reset my password?").text)
 
     both = kvcompile.compose(["handbook.kvpack", "notes.kvpack"])  # several packs as one context
+    kvcompile.merge(["handbook.kvpack", "notes.kvpack"], "both.kvpack")  # ... written as one pack
 """
 
 __version__ = "0.1.0"
@@ -24,3 +25,11 @@ def compose(packs, model=None, positions: str = "auto"):
 
     return _compose([p if not isinstance(p, (str, bytes)) and hasattr(p, "layout") else load(p) for p in packs],
                     model, positions)
+
+
+def merge(packs, output):
+    """Write several packs (paths) of disjoint corpora as one pack at ``output``, without the model;
+    see :func:`kvcompile.merging.merge`."""
+    from .merging import merge as _merge
+
+    return _merge(packs, output)

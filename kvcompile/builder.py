@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -30,7 +31,7 @@ from .errors import CorpusError, OptionError
 from .framing import Framing, document_text, frame
 from .kvmix import DEFAULTS as KVMIX
 from .models import LoadedModel
-from .ragged import RaggedKV
+from .ragged import RaggedKV, within_heads
 from .recipe import Recipe
 from .rope import place, rotaries, unrotate
 from .scorers import LayerView, Scorer, make_scorer
@@ -58,6 +59,7 @@ class BuildOptions:
     context: str = "chained"  # what each document is compiled after: "independent" or "chained"
     budgets: str = "document"  # how documents share the budget: "document" or "corpus" (budgets.py)
     doc_floor: float = 0.1  # with corpus budgets: the share of its even budget a document keeps at least
+    stream: bool | None = None  # compile at compacted positions (a corpus beyond the window); None: when it does not fit
 
     def validate(self) -> None:
         if self.budget is None and self.ratio is None:
@@ -87,6 +89,8 @@ class BuildOptions:
             raise OptionError(f"--rvq-depth must be in [1, 16], got {self.rvq_depth}")
         if not 1 <= self.rvq_group <= 256:
             raise OptionError(f"--rvq-group must be in [1, 256], got {self.rvq_group}")
+        if self.stream not in (None, True, False):
+            raise OptionError(f"stream must be true, false or unset (auto), got {self.stream!r}")
         if self.quant_outliers is not None and not 0 <= self.quant_outliers <= 1:
             raise OptionError(f"--quant-outliers must be a share in [0, 1], got {self.quant_outliers}")
 
@@ -129,6 +133,8 @@ class BuildOptions:
         without ``--quant``, RVQ's without ``rvq``), so that packs written before they
         existed stay reusable."""
         d = self.to_json()
+        if not d["stream"]:
+            del d["stream"]
         if self.budgets == "document":
             del d["budgets"], d["doc_floor"]
         if self.quant == "none":
@@ -191,17 +197,62 @@ def target_tokens(options: BuildOptions, total: int) -> int:
     return max(1, round(options.ratio * total))
 
 
+def fits(tk: Tokenized, max_positions: int) -> bool:
+    """Whether the corpus, with its framing and task prompt, fits a window at its own positions."""
+    return tk.total + len(tk.probe_ids) <= max_positions
+
+
+# Positions a streamed compile leaves free after its kept tokens (besides the task prompt's):
+# its last chunks shrink to fit them, and a finished pack leaves them for questions and answers.
+STREAM_RESERVE = 512
+
+
+def stream_room(tk: Tokenized, options: BuildOptions, max_positions: int) -> int:
+    """The most rows one (layer, KV head) may hold in a streamed compile, framing included.
+
+    Each chunk is prefilled after the longest head's compacted rows, then the task prompt,
+    so ``kept + chunk + task prompt`` must fit the window: chunks are cut to what is left,
+    down to ``min(chunk_size, STREAM_RESERVE)``, and the room is what remains beside that."""
+    return max_positions - min(options.chunk_size, STREAM_RESERVE) - len(tk.probe_ids)
+
+
 def check_fits(tk: Tokenized, options: BuildOptions, lm: LoadedModel) -> None:
-    """Refuse a corpus whose positions would exceed the model's window."""
-    need = tk.total + len(tk.probe_ids)
+    """Refuse, before compiling, a corpus whose positions would exceed the model's window: at
+    its own positions, or (streamed) at compacted ones, naming the largest ratio that fits."""
     if tk.corpus_tokens == 0:
         raise CorpusError("the corpus has no tokens after tokenisation: add documents with text")
-    if need > lm.max_positions:
+    need, window = tk.total + len(tk.probe_ids), lm.max_positions
+    if not options.stream:
+        if need > window:
+            raise CorpusError(
+                f"the corpus is {tk.corpus_tokens} tokens; with framing and task prompt it needs {need} positions, "
+                f"more than {lm.name}'s window of {window}: build with --stream (chunk by chunk after the "
+                "compacted kept tokens), split the corpus into several packs, or use a model with a longer context")
+        return
+    if lm.capability.absolute_positions:
+        raise CorpusError(f"{lm.name} has absolute positions, which its KV holds: a streamed compile needs RoPE, "
+                          f"so the corpus must fit its window of {window} (split it into several packs)")
+    if options.budgets == "corpus":
+        raise OptionError("--budgets corpus surveys the whole corpus in one prefill, which a streamed compile "
+                          "avoids: use --budgets document with --stream")
+    room, framing = stream_room(tk, options, window), len(tk.prefix_ids)
+    if room <= framing:
+        raise OptionError(f"--chunk-size {options.chunk_size} leaves no room for kept tokens in {lm.name}'s window "
+                          f"of {window}: lower --chunk-size")
+    lengths = [len(ids) for ids in tk.doc_ids]
+    kept = sum(document_budgets(lengths, corpus_ratio(tk, options)))
+    if framing + kept > room:
+        free = room - framing - len(lengths)  # each document's budget may round up by one token
+        if options.budget is not None:
+            what, most = f"--budget {options.budget}", f"the largest --budget that fits is {max(1, free)}"
+        else:
+            largest = max(0.0, math.floor(1000 * free / tk.corpus_tokens) / 1000)
+            what, most = f"ratio {options.ratio:g}", f"the largest ratio that fits is {largest:g}"
         raise CorpusError(
-            f"the corpus is {tk.corpus_tokens} tokens; with framing and task prompt it needs {need} positions, "
-            f"more than {lm.name}'s window of {lm.max_positions}: split the corpus into several packs "
-            "or use a model with a longer context"
-        )
+            f"the corpus is {tk.corpus_tokens} tokens: {what} keeps {kept} of them per KV head, and with the "
+            f"framing's {framing} that is more than the {room} positions a streamed pack may fill in {lm.name}'s "
+            f"window of {window} ({window - room - len(tk.probe_ids)} positions for a chunk, a question and its "
+            f"answer, and the task prompt's {len(tk.probe_ids)}, stay free): {most}")
 
 
 CONTEXT_MODES = ("independent", "chained")
@@ -217,15 +268,18 @@ def segment_keys(documents: list[Document], fingerprint: str, recipe: Recipe, op
     Under ``corpus`` budgets a document's budget comes from the whole corpus, so it is in
     the key (``budgets``, tokens per KV head; ``None`` for a document whose budget is not
     known yet, whose key then matches nothing). Under ``document`` budgets with
-    ``--budget`` the per-document budget depends on the whole corpus's length, and RVQ's
-    codebooks on all of its rows, so every key covers every document.
+    ``--budget`` the per-document budget depends on the whole corpus's length, RVQ's
+    codebooks on all of its rows, and a streamed ``independent`` segment's room in the
+    window on its share of the corpus, so every key covers every document.
     """
     base = {"model": fingerprint, "recipe": recipe.source, "probes": list(recipe.probes),
             "options": options.key_json()}
     if options.budgets == "corpus" and budgets is None:
         raise ValueError("corpus budgets are part of the keys: pass them")
-    if (options.budgets == "document" and options.budget is not None) or options.quant == "rvq":
-        base["corpus"] = [d.sha256 for d in documents]  # RVQ: codebooks learned on all of it
+    if ((options.budgets == "document" and options.budget is not None) or options.quant == "rvq"
+            or (options.stream and options.context == "independent")):
+        # RVQ: codebooks learned on all of it; streamed independent segments: room shared by length
+        base["corpus"] = [d.sha256 for d in documents]
     keys, previous = [], ""
     for i, d in enumerate(documents):
         context = previous if options.context == "chained" else ""
@@ -258,9 +312,8 @@ class _Compiler:
         self.seconds = {"prefill": 0.0, "score": 0.0}
 
     def stored(self, kv: RaggedKV) -> RaggedKV:
-        """Post-RoPE KV (one segment or the framing; layers stacked) as the pack stores it: keys
-        un-rotated, both through each layer's codecs (a run per head: groups stay in it)."""
-        kv = kv.replace(keys=unrotate(kv, self.rotaries))
+        """Pre-RoPE KV (one segment or the framing; layers stacked) as the pack stores it: through
+        each layer's codecs (a run per head: groups stay in it)."""
         if not self.codecs[0][0].per_run:
             return kv  # codebooks learned on the whole corpus at write time: context sees the rows unquantised
         layers = kv.split(self.layers)
@@ -271,6 +324,11 @@ class _Compiler:
             keys.append(kc.roundtrip(part.keys, part.lengths))
             values.append(vc.roundtrip(part.values, part.lengths))
         return kv.replace(keys=torch.cat(keys), values=torch.cat(values))
+
+    def unrotated(self, kv: RaggedKV, positions: torch.Tensor) -> RaggedKV:
+        """Post-RoPE KV as attended (layers stacked), keys turned back before RoPE, positions
+        replaced by ``positions`` (where the tokens stand in the corpus)."""
+        return kv.replace(keys=unrotate(kv, self.rotaries), positions=positions)
 
     def attendable(self, seg: RaggedKV, origin: int) -> RaggedKV:
         """A stored segment as later tokens attend to it, placed exactly as a pack is loaded
@@ -319,7 +377,8 @@ class _Compiler:
         empty = RaggedKV.empty(self.kv_heads, self.head_dim, self.dtype, self.device)
         cache = PackCache([empty] * self.layers, start=0, capacity=n)
         self.prefill(torch.tensor(tk.prefix_ids, device=self.device), cache)
-        stored = self.stored(self.new_tokens(cache, n, torch.arange(n, device=self.device))[0])
+        kv = self.new_tokens(cache, n, torch.arange(n, device=self.device))[0]
+        stored = self.stored(self.unrotated(kv, kv.positions))
         return stored, self.attendable(stored, 0)
 
     @torch.no_grad()
@@ -355,52 +414,97 @@ class _Compiler:
         doc = torch.bucketize(seen.positions[keep], ends, right=True)
         return torch.bincount(doc, minlength=len(tk.doc_ids)).tolist()
 
+    def compacted(self, parts: Sequence[RaggedKV]) -> RaggedKV:
+        """Stored parts (layers stacked) placed one after another at compacted positions: each
+        head's rows at ``0, 1, ...`` in order, as a pack is loaded with ``--positions compact``."""
+        kv = RaggedKV.cat(list(parts))
+        return self.attendable(kv.replace(positions=within_heads(kv.lengths, kv.positions.device)), 0)
+
     @torch.no_grad()
     def segment(self, ids: list[int], origin: int, context: list[RaggedKV], target: int, protect: int,
-                progress=None) -> RaggedKV:
-        """Compile one document's tokens at positions ``origin...`` after ``context`` (the
-        attendable parts that precede it, in order, every layer stacked).
+                progress=None, room: int | None = None) -> RaggedKV:
+        """Compile one document's tokens, which stand at positions ``origin...``, after
+        ``context`` (the attendable parts that precede it, in order, every layer stacked).
 
         Chunked prefill ``[context | kept of this document | chunk | task prompt]``; the
         layer's budget (``target`` per head on average) grows with the share of the
         document seen, so earlier survivors of this document compete again. ``protect``:
         positions below it are always kept (sinks beyond the framing). Concatenation,
         scoring and selection run on every layer and head at once (stacked); the kept
-        counts come back to the host in one transfer per chunk. Returns the kept KV as
-        stored, every layer stacked, positions relative to ``origin``.
+        counts come back to the host in one transfer per chunk.
+
+        The kept rows are held as stored (pre-RoPE, at their corpus positions) and placed
+        for each chunk: at their own positions, or, with ``room`` (a streamed compile, whose
+        ``context`` is compacted), compacted after each head's context with the chunk after
+        the longest head (cut to what the window has left after it for the task prompt), and
+        no head growing past ``room`` rows, context included: however long the corpus, no
+        position reaches the window's end.
+        Returns the kept KV as stored, every layer stacked, positions relative to ``origin``.
         """
-        o = self.options
-        stream = torch.tensor(ids, dtype=torch.long, device=self.device)
-        kept = RaggedKV.empty(self.layers * self.kv_heads, self.head_dim, self.dtype, self.device)  # post-RoPE
-        for start in range(0, len(ids), o.chunk_size):
-            chunk = stream[start : start + o.chunk_size]
+        o, device = self.options, self.device
+        stream = torch.tensor(ids, dtype=torch.long, device=device)
+        ctx = RaggedKV.cat(context)
+        cap = None if room is None else torch.tensor([room - n for n in ctx.lengths], device=device)
+        kept = RaggedKV.empty(self.layers * self.kv_heads, self.head_dim, self.dtype, device)
+        frozen = [0] * kept.heads  # per head: its first rows, judged and kept by a recursive scorer
+        start = 0
+        while start < len(ids):
+            if room is None:
+                at, attended, n = origin + start, self.attendable(kept, 0), o.chunk_size
+                full = False
+            else:
+                heads = [c + k for c, k in zip(ctx.lengths, kept.lengths)]
+                at = max(heads)
+                n = min(o.chunk_size, self.lm.max_positions - self.probe.numel() - at)  # the chunk fits the window
+                full = at + n > room
+                behind = torch.repeat_interleave(torch.tensor(ctx.lengths, device=device),
+                                                 torch.tensor(kept.lengths, device=device), output_size=kept.rows)
+                attended = self.attendable(kept.replace(positions=behind + within_heads(kept.lengths, device)), 0)
+            chunk = stream[start : start + n]
             n, end = chunk.numel(), start + chunk.numel()
             budget = layer_budget(target, end, len(ids), self.kv_heads)
-            n_probe = self.probe.numel() if budget < kept.rows // self.layers + self.kv_heads * n else 0
+            select_now = full or budget < kept.rows // self.layers + self.kv_heads * n
+            n_probe = self.probe.numel() if select_now else 0
             x = torch.cat([chunk, self.probe]) if n_probe else chunk
-            prefixes = RaggedKV.cat([*context, kept]).split(self.layers)
-            cache = PackCache(prefixes, start=origin + start, capture_queries=n_probe, capacity=x.numel())
+            cache = PackCache(RaggedKV.cat([ctx, attended]).split(self.layers), start=at, capture_queries=n_probe,
+                              capacity=x.numel())
             self.prefill(x, cache)
             t1 = time.perf_counter()
-            chunk_kv, probe_keys = self.new_tokens(cache, n, torch.arange(origin + start, origin + end,
-                                                                             device=self.device))
-            candidates = RaggedKV.cat([kept, chunk_kv])
+            chunk_kv, probe_keys = self.new_tokens(cache, n, torch.arange(at, at + n, device=device))
+            here = torch.arange(origin + start, origin + end, device=device).repeat(chunk_kv.heads)
+            candidates = RaggedKV.cat([kept, self.unrotated(chunk_kv, here)])  # as stored
             if n_probe:
                 queries = torch.cat([layer.queries[0] for layer in cache.layers])  # [layers x q_heads, probe, D]
-                keep = select(self.score(candidates, probe_keys, queries, origin + start), candidates, budget,
-                              candidates.positions - origin < protect, o.head_floor, self.layers)
+                view, protected = RaggedKV.cat([attended, chunk_kv]), candidates.positions - origin < protect
+                if any(frozen):  # a recursive scorer judges only what it has not judged and kept before
+                    is_frozen = within_heads(candidates.lengths, device) < torch.repeat_interleave(
+                        torch.tensor(frozen, device=device), torch.tensor(candidates.lengths, device=device),
+                        output_size=candidates.rows)
+                    open_view = view.take(~is_frozen, [c - f for c, f in zip(candidates.lengths, frozen)])
+                    scores = torch.full((candidates.rows,), float("inf"), device=device).masked_scatter(
+                        ~is_frozen, self.score(open_view, probe_keys, queries, at).float())
+                    protected = protected | is_frozen
+                else:
+                    scores = self.score(view, probe_keys, queries, at)
+                keep = select(scores, candidates, budget, protected, o.head_floor, self.layers, cap)
                 counts = candidates.head_counts(keep)
-                candidates = candidates.take(keep, counts.tolist(), counts)  # the one host sync of the chunk
+                kept_counts = counts.tolist()  # the one host sync of the chunk
+                if self.scorer.recursive:  # what it judged and kept stays; its window is judged again
+                    frozen = [max(f, k - self.scorer.window(c - f))
+                              for f, k, c in zip(frozen, kept_counts, candidates.lengths)]
+                candidates = candidates.take(keep, kept_counts, counts)
             kept = candidates
             self.seconds["score"] += time.perf_counter() - t1
             if progress is not None:
                 progress(end)
+            start = end
         return self.stored(kept).shifted(-origin)
 
 
 def corpus_ratio(tk: Tokenized, options: BuildOptions) -> float:
-    """The share of the corpus kept: ``ratio``, or ``budget`` over the cache's tokens."""
-    return options.ratio if options.ratio is not None else min(1.0, options.budget / tk.total)
+    """The share of the corpus kept: ``budget`` over the cache's tokens (it overrides the ratio,
+    as :func:`target_tokens` has it), else ``ratio``."""
+    return options.ratio if options.budget is None else min(1.0, options.budget / tk.total)
 
 
 @torch.no_grad()
@@ -429,8 +533,9 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, budget
     prefix is prefilled once and kept whole. In ``independent`` mode each document is
     compiled right after the framing (at the positions that follow it) and shifted to its
     place in the corpus when assembled; in ``chained`` mode it is compiled at its place,
-    after the kept KV of every earlier document. ``progress`` is called with the number of
-    tokens compiled so far.
+    after the kept KV of every earlier document (with ``options.stream``, compacted:
+    :meth:`_Compiler.segment`). ``progress(tokens, documents)`` is called with the numbers
+    compiled so far.
     """
     with pack_attention(lm.model):
         stacked = {d: RaggedKV.stack(seg) for d, seg in (reused or {}).items()}
@@ -444,23 +549,31 @@ def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, budgets: list[i
     for ids in tk.doc_ids:
         starts.append(starts[-1] + len(ids))
     framing, framing_ctx = c.framing(tk)
+    room = stream_room(tk, options, c.lm.max_positions) if options.stream else None
+    independent = options.context == "independent"
 
     segments: list[RaggedKV] = []
-    chained = [framing_ctx]  # the framing, then each placed segment
+    chained = [framing_ctx]  # the framing, then each placed segment (at its own positions)
     done = n_prefix
     for d, ids in enumerate(tk.doc_ids):
         if d in reused:
             seg = reused[d]
         else:
-            origin = n_prefix if options.context == "independent" else starts[d]
-            context = [framing_ctx] if options.context == "independent" else chained
-            report = (lambda n, done=done: progress(done + n)) if progress else None
-            seg = c.segment(ids, origin, context, budgets[d], options.sinks - starts[d], report)
+            origin = n_prefix if independent else starts[d]
+            if independent:
+                context = [framing_ctx]
+            else:
+                context = [c.compacted([framing, *segments])] if options.stream else chained
+            doc_room = room
+            if room is not None and independent:  # segments meet only at load: each gets its share of the room
+                doc_room = n_prefix + (room - n_prefix) * len(ids) // tk.corpus_tokens
+            report = (lambda n, done=done, d=d: progress(done + n, d)) if progress else None
+            seg = c.segment(ids, origin, context, budgets[d], options.sinks - starts[d], report, doc_room)
         segments.append(seg)
         done += len(ids)
         if progress is not None:
-            progress(done)
-        if options.context == "chained":
+            progress(done, d + 1)
+        if not independent and not options.stream:
             chained.append(c.attendable(seg, starts[d]))
 
     every = RaggedKV.cat([framing.to("cpu"), *(seg.to("cpu").shifted(start) for seg, start in zip(segments, starts))])

@@ -80,6 +80,7 @@ def build(
     sinks: Optional[int] = typer.Option(None, "--sinks", help="First tokens always kept (recipe default: 4)."),
     scorer: str = typer.Option("task_aware", "--scorer", help="task_aware; snapkv (RocketKV's SnapKV++ with the task prompt as window); lagkv (attention-free); or stride (an even-stride baseline)."),
     context: str = typer.Option("chained", "--context", help="chained: each document compiled after what was kept of the documents before it (an edit recompiles from there on); independent: after the framing alone (an edit recompiles that document only; lower quality, see docs/nightly.md)."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Compile chunk by chunk after the compacted kept tokens, so that a corpus longer than the model's window fits in bounded memory (default: only when the corpus does not fit)."),
     budgets: str = typer.Option("document", "--budgets", help="document: every document keeps the same share of its tokens; corpus: documents compete for the budget, as a survey of the whole corpus with the task prompt decides (an edit also recompiles documents whose budget moves)."),
     reuse: Optional[Path] = typer.Option(None, "--reuse", help="Reuse unchanged segments of this pack (default: the existing --output)."),
     check: bool = typer.Option(False, "--check", help="Exit 0 if the pack is up to date, 1 (listing what is stale) if not; builds nothing, loads no model weights."),
@@ -125,7 +126,7 @@ def build(
             rvq_depth=rvq_depth,
             rvq_group=rvq_group,
         )
-        options.context, options.budgets = context, budgets
+        options.context, options.budgets, options.stream = context, budgets, stream
         options.validate()  # bad codec and quant names fail before a model is loaded
         options.make_scorer()
         if n_auto:
@@ -157,9 +158,11 @@ def build(
                       f"({ap.generated} written, {ap.reused} reused)")
         _print_plan(report.plan, verbose=False)
         kept = report.kept_tokens / report.full_tokens
+        streamed = ", streamed at compacted positions" if report.streamed else ""
+        peak = f", peak memory +{_mib(report.peak_memory)}" if report.peak_memory is not None else ""
         err.print(
             f"[green]wrote[/] {_show(report.output)}: {report.documents} documents, {report.cache_tokens} tokens, "
-            f"kept {kept:.1%} ({_mib(report.bytes)}) in {report.seconds['total']:.1f} s",
+            f"kept {kept:.1%} ({_mib(report.bytes)}) in {report.seconds['total']:.1f} s{streamed}{peak}",
             soft_wrap=True,
         )
 
@@ -375,6 +378,21 @@ def _codec_text(parts: list[dict]) -> str:
 
 
 @app.command()
+def merge(
+    packs: List[Path] = typer.Argument(..., help="Packs of disjoint corpora, built alike with --context independent, in corpus order."),
+    output: Path = typer.Option(..., "--output", "-o", help="The .kvpack to write (replaced atomically)."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Write several packs as one, with neither the model nor the corpus: the pack a build of the union would write."""
+    from .merging import merge as run_merge
+
+    with _errors(debug):
+        report = run_merge(packs, output)
+        err.print(f"[green]wrote[/] {_show(report.output)}: {report.documents} documents from {report.packs} packs, "
+                  f"{report.tokens} tokens ({_mib(report.bytes)})", soft_wrap=True)
+
+
+@app.command()
 def models(
     model: Optional[str] = typer.Argument(None, help="A model (alias, directory, Hub id): check it instead of listing."),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
@@ -575,7 +593,7 @@ def _progress(quiet: bool):
 
         def update(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task({"prefill": "prefill (tokens)", "write": "writing"}.get(stage, stage), total=total)
+                tasks[stage] = bar.add_task({"prefill": "prefill (tokens)", "documents": "documents", "write": "writing"}.get(stage, stage), total=total)
             bar.update(tasks[stage], completed=done)
 
         yield update

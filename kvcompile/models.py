@@ -187,6 +187,7 @@ class ModelIdentity:
     fingerprint: str
     tokenizer: PreTrainedTokenizerBase
     capability: Capability
+    max_positions: int  # the context window in tokens
 
 
 def identify(name: str | None = None) -> ModelIdentity:
@@ -197,14 +198,15 @@ def identify(name: str | None = None) -> ModelIdentity:
     source, label = _resolve_model_dir(name, progress=False)
     if not isinstance(source, Path):  # a Hub id: its files come with loading
         lm = load_model(name, device="cpu", progress=False)
-        return ModelIdentity(lm.fingerprint, lm.tokenizer, lm.capability)
+        return ModelIdentity(lm.fingerprint, lm.tokenizer, lm.capability, lm.max_positions)
     with _quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             config = AutoConfig.from_pretrained(source)
         except Exception as e:
             raise ModelError(f"cannot load the tokenizer of {label}: {_short(e)}") from e
-    return ModelIdentity(fingerprint_of(source, tokenizer), tokenizer, capability(config))
+    return ModelIdentity(fingerprint_of(source, tokenizer), tokenizer, capability(config),
+                         _max_positions(config, tokenizer, label))
 
 
 def fingerprint_of(model_dir_or_gguf: Path, tokenizer: PreTrainedTokenizerBase, *, progress: bool = False) -> str:

@@ -127,7 +127,9 @@ class Pack:
         if cache["question_position"] != cache["tokens"]:
             raise fail("cache.question_position", f"{cache['question_position']} is not cache.tokens "
                                                   f"({cache['tokens']}): questions follow the corpus")
-        if cache["question_position"] > m["max_positions"]:
+        # A streamed pack's corpus may be longer than the window (its questions then start at
+        # compacted positions); what must fit is its longest head.
+        if not h["options"].get("stream") and cache["question_position"] > m["max_positions"]:
             raise fail("cache.question_position", "beyond the model's window")
         try:  # literal text and plain {path} fields only: no attribute, index, spec or conversion
             fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(
@@ -141,6 +143,8 @@ class Pack:
             raise fail("cache.kept", f"expected {layers} layers x {heads} KV heads")
         if any(n > cache["tokens"] for k in kept for n in k):
             raise fail("cache.kept", f"a head keeps more than the cache's {cache['tokens']} tokens")
+        if max(n for k in kept for n in k) > m["max_positions"]:
+            raise fail("cache.kept", "a head keeps more tokens than the model's window holds")
         if len(cache["layers"]) != layers:
             raise fail("cache.layers", f"expected {layers} layer entries, found {len(cache['layers'])}")
         for name in (cache["positions"], corpus["manifest"]):
@@ -311,6 +315,10 @@ class Pack:
         if mode == "auto":
             mode = "compact" if self.model["rope"] else "original"
         if mode != "compact":
+            if self.question_position >= self.model["max_positions"]:
+                raise OptionError(f"{self.path}: its corpus ({self.question_position} tokens with framing) is longer "
+                                  f"than the model's window of {self.model['max_positions']}: load it with "
+                                  "--positions compact")
             return self.positions, self.question_position
         if self._compact is None:
             self._compact = ([within_heads(k).to(p.dtype) for k, p in zip(self.kept, self.positions)],

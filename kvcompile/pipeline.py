@@ -8,9 +8,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .builder import BuildOptions, check_fits, compile_corpus, document_ids, plan_budgets, segment_keys, tokenize
+from .builder import (BuildOptions, check_fits, compile_corpus, document_ids, fits, plan_budgets, segment_keys,
+                      tokenize)
 from .corpus import MAX_FILE_BYTES, Skipped, read_corpus
 from .kvmix import layer_bits, recorded_bits
+from .memory import PeakMemory
 from .models import LoadedModel, ModelIdentity
 from .probes import AutoProbes, Probing, check_scorer
 from .rebuild import RebuildPlan, output_lock, plan_rebuild
@@ -29,6 +31,8 @@ class BuildReport:
     bytes: int
     plan: RebuildPlan
     seconds: dict[str, float] = field(default_factory=dict)
+    streamed: bool = False  # compiled at compacted positions (builder.BuildOptions.stream)
+    peak_memory: int | None = None  # bytes the build added at its peak (memory.PeakMemory), None where unknown
     probes: AutoProbes | None = None  # with auto probes: those written from the corpus (or reused)
 
 
@@ -45,7 +49,7 @@ def plan(paths: Sequence[str | os.PathLike], model: ModelIdentity | LoadedModel,
     counts as reusable.
     """
     probing = Probing(auto_probes, model, previous, write=False) if auto_probes else None
-    rebuild, skipped = _match(paths, model, recipe, options, previous, text_field, max_file_bytes, probing)
+    rebuild, skipped, _ = _match(paths, model, recipe, options, previous, text_field, max_file_bytes, probing)
     if probing is not None and probing.probes is None:
         rebuild.reuse = {}
         rebuild.caveat = ("some auto probes must be written again (their chunk, the recipe's examples or the model "
@@ -55,8 +59,9 @@ def plan(paths: Sequence[str | os.PathLike], model: ModelIdentity | LoadedModel,
 
 
 def _match(paths, model, recipe, options, previous, text_field, max_file_bytes,
-           probing: Probing | None = None) -> tuple[RebuildPlan, list[Skipped]]:
-    """The corpus, and the previous pack's segments whose keys match (not yet verified).
+           probing: Probing | None = None) -> tuple[RebuildPlan, list[Skipped], BuildOptions]:
+    """The corpus, the previous pack's segments whose keys match (not yet verified), and the
+    options with ``stream`` decided (unset: when the corpus does not fit the window).
 
     Under ``corpus`` budgets the keys hold budgets that only a survey with the model's
     weights can tell; until then each unchanged document is assumed to keep its previous
@@ -68,6 +73,8 @@ def _match(paths, model, recipe, options, previous, text_field, max_file_bytes,
     if probing is not None:  # the probes join the recipe before any key is computed
         check_scorer(options.make_scorer())
         recipe = probing.resolve(documents, recipe)
+    if options.stream is None and documents:
+        options = replace(options, stream=not fits(tokenize(documents, recipe, model), model.max_positions))
 
     def keys_for(options, budgets=None):
         return segment_keys(documents, model.fingerprint, recipe, options, budgets)
@@ -75,20 +82,20 @@ def _match(paths, model, recipe, options, previous, text_field, max_file_bytes,
     corpus_budgets = options.budgets == "corpus"
     rebuild = plan_rebuild(documents, keys_for(options, [None] * len(documents) if corpus_budgets else None),
                            previous, model.fingerprint)
-    caveats = []
+    caveats, assumed = [], options
     if options.quant == "kvmix" and options.layer_bits is None:
         # The bits come from a profile of the corpus; until the build profiles it again,
         # assume the previous pack's (exact when nothing changed).
-        options = replace(options, layer_bits=recorded_bits(rebuild.pack.header) if rebuild.pack else None)
+        assumed = replace(options, layer_bits=recorded_bits(rebuild.pack.header) if rebuild.pack else None)
         caveats.append("kvmix profiles the corpus again: if a layer's bits move, every document is recompiled")
     if corpus_budgets:
         caveats.append("budgets are shared by the whole corpus: the build surveys it again and also recompiles "
                        "documents whose budget moves")
     if caveats:
-        rebuild.match(keys_for(options, rebuild.previous_budgets() if corpus_budgets else None), model.fingerprint)
+        rebuild.match(keys_for(assumed, rebuild.previous_budgets() if corpus_budgets else None), model.fingerprint)
         if not rebuild.up_to_date:
             rebuild.caveat = "; ".join(caveats)
-    return rebuild, skipped
+    return rebuild, skipped, options
 
 
 def _verify(rebuild: RebuildPlan, model: ModelIdentity | LoadedModel, tokens: Callable[[int], int]) -> None:
@@ -123,12 +130,13 @@ def build(
     options.validate()
     lm.capability.check_context(options.context)
     check_output(output)
-    with output_lock(output):
+    with output_lock(output), PeakMemory(lm.device) as memory:
         t0 = time.perf_counter()
         previous = reuse if reuse is not None else output
         probing = Probing(auto_probes, lm, previous, progress=progress and (
             lambda done, total: progress("auto probes", done, total))) if auto_probes else None
-        rebuild, skipped = _match(paths, lm, recipe, options, previous, text_field, max_file_bytes, probing)
+        rebuild, skipped, options = _match(paths, lm, recipe, options, previous, text_field, max_file_bytes,
+                                           probing)
         recipe = probing.recipe if probing is not None else recipe
         documents = rebuild.documents
         tk = tokenize(documents, recipe, lm)
@@ -148,8 +156,12 @@ def build(
         _verify(rebuild, lm, lambda d: len(tk.doc_ids[d]))  # the build's own tokens: no second pass
         reused = rebuild.pack.segments(sorted(set(rebuild.reuse.values()))) if rebuild.reuse else {}
         t1 = time.perf_counter()
-        report = (lambda n: progress("prefill", n, tk.total)) if progress else None
-        compiled = compile_corpus(tk, options, lm, budgets, progress=report,
+
+        def report(tokens: int, docs: int) -> None:
+            progress("prefill", tokens, tk.total)
+            progress("documents", docs, len(documents))
+
+        compiled = compile_corpus(tk, options, lm, budgets, progress=report if progress else None,
                                   reused={d: reused[j] for d, j in rebuild.reuse.items()})
         compiled.seconds["survey"] = survey_s
         t2 = time.perf_counter()
@@ -170,6 +182,8 @@ def build(
         bytes=size,
         plan=rebuild,
         probes=probing and probing.probes,
+        streamed=bool(options.stream),
+        peak_memory=memory.peak,
         seconds={"read": t1 - t0 - survey_s, **compiled.seconds, "compile": t2 - t1, "write": t3 - t2,
                  "total": t3 - t0},
     )

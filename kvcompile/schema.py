@@ -341,7 +341,8 @@ HEADER = Obj({
         "codec": Obj({"name": Str(max_len=64)}, extra=SCALAR),
         "auto_probes": Int(1, 4096),  # build --auto-probes N
         "quant": Obj({"name": Str(max_len=64)}, extra=SCALAR),  # build --quant (format 1.2), when not none
-    }, optional=frozenset({"auto_probes", "quant"})),
+        "stream": Bool(),  # build --stream (format 1.3): compiled at compacted positions
+    }, optional=frozenset({"auto_probes", "quant", "stream"})),
     "framing": Obj({
         "template": Str(choices=("chat", "plain")),
         "prefix_ids": List(Int(), max_len=1 << 20),

@@ -26,7 +26,7 @@ def layer_budget(target: int, seen: int, total: int, kv_heads: int) -> int:
 
 
 def select(scores: torch.Tensor, candidates: RaggedKV, budget: int, protected: torch.Tensor,
-           head_floor: float = 0.2, layers: int = 1) -> torch.Tensor:
+           head_floor: float = 0.2, layers: int = 1, head_cap: torch.Tensor | None = None) -> torch.Tensor:
     """Which candidates are kept: a bool mask ``[N]`` over the rows of ``candidates``.
 
     scores: ``[N]``, higher means keep; comparable across the heads of a layer.
@@ -35,6 +35,9 @@ def select(scores: torch.Tensor, candidates: RaggedKV, budget: int, protected: t
     budget: tokens to keep per layer, summed over its heads (clamped to what exists).
     protected: bool ``[N]``, always kept (sinks, framing), even beyond the budget.
     head_floor: share of the even per-head budget that each head keeps at least.
+    head_cap: ``[heads]`` the most rows each head may keep, protected rows included (a
+        streamed compile, whose longest head must fit the model's window); ``None``: no cap.
+        A layer whose heads are full keeps less than its budget.
 
     All on the device, for all layers and heads at once, with no host sync: heads first
     take their floor (best unprotected rows of their own), then the rest of each layer's
@@ -61,12 +64,23 @@ def select(scores: torch.Tensor, candidates: RaggedKV, budget: int, protected: t
     protected_h = candidates.head_counts(protected)
     free = (budgets - protected_h.view(layers, heads).sum(1)).clamp_min(0)
     floor = torch.floor(head_floor * free.double() / heads).long().repeat_interleave(heads)
+    if head_cap is not None:
+        floor = torch.minimum(floor, head_cap)
     by_head, unprotected, rank = rank_within(head, starts, ~protected)
     taken = protected.clone()
     taken[by_head] |= (unprotected == 1) & (rank < (floor - protected_h)[head[by_head]])
 
-    # The rest of each layer's budget: its best rows not yet kept, whichever head.
+    # The rest of each layer's budget: its best rows not yet kept, whichever head, each head
+    # only up to its cap (the best rows of a head are the ones that can still fit, so taking
+    # the layer's best among them is greedy water-filling).
+    open_rows = ~taken
+    if head_cap is not None:
+        by_head, free_rows, rank = rank_within(head, starts, open_rows)
+        room = (head_cap - candidates.head_counts(taken)).clamp_min(0)
+        fits = torch.zeros_like(open_rows)
+        fits[by_head] = (free_rows == 1) & (rank < room[head[by_head]])
+        open_rows = fits
     left = (budgets - candidates.head_counts(taken).view(layers, heads).sum(1)).clamp_min(0)
-    by_layer, open_rows, rank = rank_within(layer, layer_starts, ~taken)
-    taken[by_layer] |= (open_rows == 1) & (rank < left[layer[by_layer]])
+    by_layer, eligible, rank = rank_within(layer, layer_starts, open_rows)
+    taken[by_layer] |= (eligible == 1) & (rank < left[layer[by_layer]])
     return taken

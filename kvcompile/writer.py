@@ -85,13 +85,7 @@ def pack_tensors_and_header(
         manifest.append({"path": d.path, "sha256": d.sha256, "tokens": len(ids), "segment": i})
         segments.append({"documents": [i], "tokens": [offset, offset + len(ids)], "key": key, "budget": budget})
         offset += len(ids)
-    manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    tensors["manifest"] = zstd_frame(manifest_bytes)
-
-    def part_bytes(part: str) -> int:
-        return sum(t.numel() * t.element_size() for n, t in tensors.items()
-                   if n.startswith("layers.") and n.split(".")[2] == part)
-
+    manifest_bytes = manifest_tensor(manifest, tensors)
     header = {
         "format": "kvpack",
         "version": list(FORMAT_VERSION),
@@ -114,17 +108,35 @@ def pack_tensors_and_header(
         "cache": {"tokens": tk.total, "question_position": tk.total, "kept": kept, "positions": "positions",
                   "layers": layer_entries},
         "segments": segments,
-        "checksums": {n: hashlib.sha256(tensor_bytes(t)).hexdigest() for n, t in sorted(tensors.items())},
-        "payload_bytes": {"keys": part_bytes("keys"), "values": part_bytes("values"),
-                          "positions": tensors["positions"].numel(), "manifest": tensors["manifest"].numel()},
     }
     if options.quant != "none":
         header["options"]["quant"] = {"name": options.quant, "group": options.quant_group,
                                       **(KVMIX if options.quant == "kvmix" else {}), "outliers": options.outliers}
+    if options.stream:
+        header["options"]["stream"] = True
     if auto_probes is not None:
         header["recipe"]["auto_probes"] = auto_probes.to_json()
         header["options"]["auto_probes"] = auto_probes.n
-    return tensors, header
+    return tensors, seal(header, tensors)
+
+
+def manifest_tensor(manifest: list[dict], tensors: dict[str, torch.Tensor]) -> bytes:
+    """Put the corpus manifest into ``tensors`` (one zstd frame of canonical JSON); its bytes."""
+    data = json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    tensors["manifest"] = zstd_frame(data)
+    return data
+
+
+def seal(header: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """``header`` with the checksums and payload sizes of ``tensors`` (format spec, section 2)."""
+    def part_bytes(part: str) -> int:
+        return sum(t.numel() * t.element_size() for n, t in tensors.items()
+                   if n.startswith("layers.") and n.split(".")[2] == part)
+
+    return {**header,
+            "checksums": {n: hashlib.sha256(tensor_bytes(t)).hexdigest() for n, t in sorted(tensors.items())},
+            "payload_bytes": {"keys": part_bytes("keys"), "values": part_bytes("values"),
+                              "positions": tensors["positions"].numel(), "manifest": tensors["manifest"].numel()}}
 
 
 def _copy_reused(named: dict[str, torch.Tensor], codec, runs: list[int], bins: int, reused, li: int,

@@ -109,3 +109,70 @@ def test_packs_of_a_model_with_absolute_positions_are_not_composed(tiny_corpus, 
     with pytest.raises(OptionError, match="absolute positions"):
         kvcompile.compose([a, a], lm)
     assert kvcompile.compose([a], lm).start == a.question_position  # one pack: as loaded (original positions)
+
+
+# -- merge: one pack written from several ------------------------------------------------------
+
+
+def _container(path):
+    from kvcompile.container import Container
+
+    c = Container(path)
+    return json.loads(c.metadata["kvpack"]), {name: c.read(name) for name in c.entries}
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_merge_writes_the_pack_a_clean_independent_build_of_the_union_writes(tiny_lm, halves, tmp_path, quant):
+    from kvcompile.merging import merge
+
+    opts = dict(ratio=0.5, context="independent", quant=quant, quant_group=8)
+    parts = [_build(tiny_lm, [f], tmp_path / f"{f.name}.kvpack", **opts).path for f in halves]
+    union = _build(tiny_lm, halves, tmp_path / "union.kvpack", **opts)
+    report = merge(parts, tmp_path / "merged.kvpack")
+    assert report.documents == union.header["corpus"]["documents"] == 5
+    merged_header, merged = _container(tmp_path / "merged.kvpack")
+    union_header, expected = _container(union.path)
+    assert merged_header == union_header  # segment keys included
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[n], expected[n]) for n in expected)
+    # its segments stay reusable: a rebuild of the union from the merged pack compiles nothing
+    from kvcompile.models import identify
+    from kvcompile.pipeline import plan
+
+    rebuild, _ = plan(list(halves), identify(tiny_lm.name), QA, BuildOptions(chunk_size=64, codec="fp32", **opts),
+                      tmp_path / "merged.kvpack")
+    assert rebuild.up_to_date
+
+
+def test_merge_refuses_what_would_not_equal_a_build_of_the_union(tiny_lm, halves, tmp_path):
+    from kvcompile.merging import merge
+
+    a_dir, b_dir = halves
+    ind = [_build(tiny_lm, [f], tmp_path / f"i-{f.name}.kvpack", ratio=0.5, context="independent").path
+           for f in halves]
+    chained = [_build(tiny_lm, [f], tmp_path / f"c-{f.name}.kvpack", ratio=0.5).path for f in halves]
+    other_ratio = _build(tiny_lm, [b_dir], tmp_path / "r.kvpack", ratio=0.25, context="independent").path
+    cases = [
+        ([ind[0]], "at least two packs"),
+        (chained, "--context chained.*--context independent"),
+        ([ind[0], other_ratio], "differ in options.ratio"),
+        ([ind[0], ind[0]], "is in both"),
+    ]
+    other = load_model(str(make_tiny_model(tmp_path / "other", seed=1)), device="cpu", progress=False)
+    cases.append(([ind[0], _build(other, [b_dir], tmp_path / "o.kvpack", ratio=0.5, context="independent").path],
+                  "built with one model"))
+    for paths, message in cases:
+        with pytest.raises((OptionError, ModelMismatchError), match=message):
+            merge(paths, tmp_path / "out.kvpack")
+    assert not (tmp_path / "out.kvpack").exists()
+
+
+def test_cli_merge(tiny_lm, halves, tmp_path):
+    parts = [str(_build(tiny_lm, [f], tmp_path / f"{f.name}.kvpack", ratio=0.5, context="independent").path)
+             for f in halves]
+    runner = CliRunner()
+    result = runner.invoke(app, ["merge", *parts, "-o", str(tmp_path / "ab.kvpack")])
+    assert result.exit_code == 0, result.output
+    assert "5 documents" in result.stderr and kvcompile.load(tmp_path / "ab.kvpack").header["corpus"]["documents"] == 5
+    result = runner.invoke(app, ["merge", parts[0], parts[0], "-o", str(tmp_path / "x.kvpack")])
+    assert result.exit_code != 0 and "is in both" in result.stderr and "Traceback" not in result.output

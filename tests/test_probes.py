@@ -170,7 +170,7 @@ def default_tokenizer_identity():
     """A ModelIdentity-like view of a loaded model: fingerprint and tokenizer, no weights."""
     from kvcompile.models import ModelIdentity
 
-    return lambda lm: ModelIdentity(lm.fingerprint, lm.tokenizer, lm.capability)
+    return lambda lm: ModelIdentity(lm.fingerprint, lm.tokenizer, lm.capability, lm.max_positions)
 
 
 # ----------------------------------------------------------------------------- builds with the tiny model

@@ -11,7 +11,7 @@ import torch
 from ..data.qa import QA
 from ..quality import gain_kept
 from . import stats
-from .memory import PeakMemory
+from ..memory import PeakMemory
 from .methods import Method
 from .metrics import contains, exact_match, f1
 

@@ -63,6 +63,9 @@ class Scorer(ABC):
 
     name: str = ""
     reads_task_prompt: bool = True  # False: scores without the probe (queries and probe_keys may be None)
+    # True: the rows it has judged and kept are frozen, and later chunks score only the rest
+    # (each head's unjudged tail: :meth:`window`), so compression is recursive as in LagKV.
+    recursive: bool = False
 
     @abstractmethod
     def score(self, view: LayerView) -> torch.Tensor:
@@ -74,6 +77,11 @@ class Scorer(ABC):
     def params(self) -> dict:
         """The parameters recorded in the pack (everything that changes the scores)."""
         return {}
+
+    def window(self, rows: int) -> int:
+        """Of a head's ``rows`` open candidates (in position order), how many at the end it leaves
+        unjudged, to be judged again with the next chunk (a recursive scorer's window)."""
+        return rows
 
 
 SCORERS: dict[str, type[Scorer]] = {}

@@ -6,8 +6,10 @@ values are normalised by the reference's min and max, and a token scores by how 
 normalised channels spread (their standard deviation), softmaxed over its partition;
 keys and values add. A token that stands out from what follows it is kept. The last
 full partition (no reference yet) and the remainder score above everything else: they
-are kept whole, as LagKV's sliding window, until more tokens arrive (the builder scores
-again each chunk, so the cache is compressed recursively as it grows).
+are kept whole, as LagKV's sliding window, until more tokens arrive. Compression is
+recursive (``recursive``, the default, as in the paper): the tokens a chunk judged and
+kept are frozen, and each later chunk partitions only the window it left and its own
+tokens; with ``recursive=False`` every chunk judges all survivors again.
 
 It needs no attention weights, so it runs with any attention; the task prompt is not
 used. ``eps`` keeps constant channels finite (the public code divides by zero there).
@@ -42,11 +44,15 @@ class LagKVScorer(Scorer):
     name = "lagkv"
     reads_task_prompt = False
 
-    def __init__(self, lag: int = 128, eps: float = 1e-6):
-        self.lag, self.eps = int(lag), float(eps)
+    def __init__(self, lag: int = 128, eps: float = 1e-6, recursive: bool = True):
+        self.lag, self.eps, self.recursive = int(lag), float(eps), bool(recursive)
 
     def params(self) -> dict:
-        return {"lag": self.lag, "eps": self.eps}
+        return {"lag": self.lag, "eps": self.eps, "recursive": self.recursive}
+
+    def window(self, rows: int) -> int:
+        """The last full partition and the remainder: partitions before it have their reference."""
+        return rows - max(0, rows // self.lag - 1) * self.lag
 
     def score(self, view: LayerView) -> torch.Tensor:
         c, lag = view.candidates, self.lag

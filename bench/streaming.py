@@ -1,0 +1,294 @@
+"""Streaming compilation (issue 14): memory and time against corpus length, and what streaming costs.
+
+``memory``: SQuAD v2 dev articles 0, 1, ... (every paragraph a document) until the corpus
+reaches each size, compiled at ``--ratio`` with the default model (8k window: every size
+streams). Each size runs in its own process, so that its peak resident set size
+(``getrusage``) is its own; the report gives that, the heap the build added at its peak
+(``kvcompile.memory.PeakMemory``), build seconds, the longest kept head against the
+window, and the gold-answer NLL gain over no context on questions spread over the
+corpus (the full context does not fit the window, so gain kept cannot be normalised),
+with one generated answer.
+
+``quality``: a union of SQuAD articles that fits a long-window model
+(``qwen2.5-coder-0.5b``, 32k) compiled whole (``--no-stream``) and streamed
+(``--stream``) at each ratio, and at ratio 1.0 as the full context (a ratio-1.0 pack
+equals the full context exactly; loading it is cheaper than one prefill per question).
+Gain kept pooled over the questions, and the paired difference streamed - whole.
+
+    python bench/streaming.py memory --sizes 8000,30000,60000 --ratio 0.1
+    python bench/streaming.py quality --articles 0,1,2,3 --ratios 0.25,0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import kvcompile  # noqa: E402
+from kvcompile.builder import BuildOptions, document_ids, tokenize  # noqa: E402
+from kvcompile.corpus import read_corpus  # noqa: E402
+from kvcompile.data.qa import EvalSet  # noqa: E402
+from kvcompile.data.squad import squad_article, squad_articles  # noqa: E402
+from kvcompile.data.synthetic import write_corpus  # noqa: E402
+from kvcompile.evaluation import stats  # noqa: E402
+from kvcompile.evaluation.methods import prefill_method  # noqa: E402
+from kvcompile.models import load_model  # noqa: E402
+from kvcompile.pipeline import build  # noqa: E402
+from kvcompile.recipe import load_recipe  # noqa: E402
+
+OUT = REPO / "docs" / "benchmarks" / "streaming"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def squad_union(articles: list[int], lm, tokens: int | None = None) -> EvalSet:
+    """SQuAD articles' paragraphs in order, cut after the paragraph that reaches ``tokens``
+    (with ``lm``'s tokenizer; None: all of them), and the questions on the paragraphs kept."""
+    docs, questions, total = [], [], 0
+    for index in articles:
+        if tokens is not None and total >= tokens:
+            break
+        article = squad_article(index)
+        for path, text in article.documents:
+            if tokens is not None and total >= tokens:
+                break
+            docs.append((path, text))
+            total += len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        kept = {p for p, _ in docs}
+        questions += [q for q in article.questions if q.doc in kept]
+    return EvalSet(f"squad:{','.join(map(str, articles))}", docs, questions)
+
+
+def spread(questions: list, n: int) -> list:
+    """``n`` questions evenly over the list (all of them if fewer)."""
+    if len(questions) <= n:
+        return list(questions)
+    return [questions[round(i * (len(questions) - 1) / (n - 1))] for i in range(n)] if n > 1 else questions[:1]
+
+
+# -- memory: one size per process -----------------------------------------------------------
+
+
+def one_size(args) -> dict:
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model, device="cpu", progress=False)
+    evalset = squad_union(list(range(len(squad_articles()))), lm, args.tokens)
+    recipe = load_recipe("qa")
+    with tempfile.TemporaryDirectory(prefix="stream-") as tmp:
+        folder = Path(tmp) / "corpus"
+        write_corpus(evalset, folder)
+        (folder / "questions.jsonl").unlink()
+        rss_loaded = _rss_now()
+        t0 = time.perf_counter()
+        report = build([folder], Path(tmp) / "p.kvpack", lm, recipe, BuildOptions(ratio=args.ratio))
+        seconds = time.perf_counter() - t0
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        pack = kvcompile.load(Path(tmp) / "p.kvpack")
+        session = pack.session(lm)
+        documents, _ = read_corpus([folder])
+        tk = tokenize(documents, recipe, lm)
+        none = prefill_method(lm, tk.framing, tk.prefix_ids, "none", "none", 0.0)
+        qas = spread(evalset.questions, args.questions)
+        gains = [none.answer_nll(qa) - session.answer_nll(qa.question, qa.answers[0]) for qa in qas]
+        sample = qas[0]
+        answer = "".join(session.stream(sample.question, 24)).strip()
+    mean, se = stats.mean_se(gains)
+    return {"target_tokens": args.tokens, "tokens": report.cache_tokens, "documents": report.documents,
+            "streamed": report.streamed, "ratio": args.ratio, "build_s": seconds,
+            "seconds": report.seconds, "rss_after_load": rss_loaded, "peak_rss": peak_rss,
+            "heap_added": report.peak_memory, "kept_tokens": report.kept_tokens,
+            "longest_head": max(max(k) for k in pack.kept), "question_start": session.start,
+            "window": lm.max_positions, "questions": len(qas), "nll_gain": mean, "nll_gain_se": se,
+            "sample": {"question": sample.question, "gold": sample.answers[0], "answer": answer}}
+
+
+def _rss_now() -> int:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize()
+
+
+def memory(args) -> int:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    for size in sizes:
+        log(f"{size} tokens:")
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, "one", "--tokens", str(size), "--ratio", str(args.ratio), "--model",
+                   args.model, "--questions", str(args.questions), "--threads", str(args.threads), "--json", f.name]
+            subprocess.run(cmd, check=True)
+            rows.append(json.loads(Path(f.name).read_text()))
+        r = rows[-1]
+        log(f"  {r['tokens']} tokens in {r['build_s']:.0f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, "
+            f"gain {r['nll_gain']:.2f} nats")
+        write_memory(rows, args)
+    return 0
+
+
+def write_memory(rows: list[dict], args) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "device": f"CPU ({args.threads} threads)",
+            "command": f"python bench/streaming.py memory --sizes {args.sizes} --ratio {args.ratio}"}
+    (OUT / "memory.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    base = rows[0]
+    mib = 2**20
+    lines = ["# Streaming compilation: memory and time against corpus length (issue 14)", "",
+             f"{meta['model']} (window {base['window']}), {meta['device']}, {meta['date']}; SQuAD v2 dev articles "
+             f"0, 1, ... (a document per paragraph) cut at each size, ratio {args.ratio:g}, default options "
+             "(every size is longer than the window, so every build streams). Each size in its own process. "
+             f"Reproduce: `{meta['command']}`.", "",
+             "| corpus tokens | documents | build s | s per 1k tokens | peak RSS | RSS x smallest | heap added "
+             "by the build | longest head / window | NLL gain over no context (nats) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        heap = f"{r['heap_added'] / mib:.0f} MiB" if r["heap_added"] is not None else "–"
+        lines.append(
+            f"| {r['tokens']} | {r['documents']} | {r['build_s']:.0f} | {1000 * r['build_s'] / r['tokens']:.2f} | "
+            f"{r['peak_rss'] / mib:.0f} MiB | {r['peak_rss'] / base['peak_rss']:.2f} | {heap} | "
+            f"{r['longest_head']} / {r['window']} | {r['nll_gain']:.2f} ± {r['nll_gain_se']:.2f} "
+            f"({r['questions']} q) |")
+    lines += ["", "Answers (24 tokens at most, greedy):", ""]
+    for r in rows:
+        s = r["sample"]
+        lines.append(f"- {r['tokens']} tokens: *{s['question']}* -> \"{s['answer']}\" (gold: \"{s['gold']}\")")
+    lines += ["", "![memory and time against corpus length](memory.png)", ""]
+    (OUT / "memory.md").write_text("\n".join(lines), encoding="utf-8")
+    _plot(rows)
+
+
+def _plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["tokens"] / 1000 for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(x, [r["peak_rss"] / 2**20 for r in rows], "o-", label="peak RSS (process)")
+    if all(r["heap_added"] is not None for r in rows):
+        a.plot(x, [r["heap_added"] / 2**20 for r in rows], "s-", label="heap added by the build")
+    a.set_xlabel("corpus tokens (k)")
+    a.set_ylabel("MiB")
+    a.set_ylim(bottom=0)
+    a.legend()
+    a.set_title("memory")
+    b.plot(x, [r["build_s"] for r in rows], "o-")
+    b.set_xlabel("corpus tokens (k)")
+    b.set_ylabel("build seconds")
+    b.set_ylim(bottom=0)
+    b.set_title("build time")
+    fig.tight_layout()
+    fig.savefig(OUT / "memory.png", dpi=100)
+
+
+# -- quality: streamed against whole, on a union that fits -----------------------------------
+
+
+def quality(args) -> int:
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model, device="cpu", progress=False)
+    articles = [int(a) for a in args.articles.split(",")]
+    evalset = squad_union(articles, lm)
+    recipe = load_recipe("qa")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    qas = spread(evalset.questions, args.questions)
+    nll: dict[str, list[float]] = {}
+    build_s = {}
+    with tempfile.TemporaryDirectory(prefix="stream-q-") as tmp:
+        folder = Path(tmp) / "corpus"
+        write_corpus(evalset, folder)
+        (folder / "questions.jsonl").unlink()
+        documents, _ = read_corpus([folder])
+        tk = tokenize(documents, recipe, lm)
+        log(f"{evalset.name}: {tk.total} tokens, {len(documents)} documents, {len(qas)} questions")
+        none = prefill_method(lm, tk.framing, tk.prefix_ids, "none", "none", 0.0)
+        nll["none"] = [none.answer_nll(qa) for qa in qas]
+        del none
+        variants = [("full", 1.0, False)] + [(f"{kind}@{r:g}", r, kind == "streamed")
+                                              for r in ratios for kind in ("whole", "streamed")]
+        for name, ratio, stream in variants:
+            path = Path(tmp) / f"{name}.kvpack"
+            t0 = time.perf_counter()
+            build([folder], path, lm, recipe, BuildOptions(ratio=ratio, stream=stream))
+            build_s[name] = time.perf_counter() - t0
+            session = kvcompile.load(path).session(lm)
+            nll[name] = [session.answer_nll(qa.question, qa.answers[0]) for qa in qas]
+            log(f"  {name}: built in {build_s[name]:.0f} s, mean NLL {sum(nll[name]) / len(qas):.3f}")
+            del session
+            write_quality(evalset.name, tk.total, len(documents), qas, nll, build_s, ratios, args)
+    return 0
+
+
+def write_quality(name, tokens, documents, qas, nll, build_s, ratios, args) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "corpus": name, "tokens": tokens, "documents": documents, "questions": len(qas),
+            "date": time.strftime("%Y-%m-%d"), "device": f"CPU ({args.threads} threads)",
+            "command": f"python bench/streaming.py quality --articles {args.articles} --ratios {args.ratios} "
+                       f"--questions {args.questions}"}
+    (OUT / "quality.json").write_text(json.dumps({**meta, "build_s": build_s, "nll": nll,
+                                                  "ids": [qa.id for qa in qas]}, indent=1) + "\n", encoding="utf-8")
+    lines = ["# Streamed against whole compilation (issue 14)", "",
+             f"{meta['model']}, {meta['device']}, {meta['date']}; SQuAD v2 dev articles {args.articles} as one "
+             f"corpus ({tokens} tokens, {documents} documents), {len(qas)} questions spread over it. `full` is the "
+             "pack at ratio 1.0 (equal to the full context); `whole` compiles at the corpus's own positions, "
+             "`streamed` (`--stream`) at compacted ones, each chunk after the compacted kept tokens; both are "
+             "queried at compacted positions (the default). Gain kept: the share of the full context's "
+             "gold-answer NLL gain over no context, per question linearised and pooled, ± standard error; "
+             f"the paired column is streamed - whole. Reproduce: `{meta['command']}`.", "",
+             "| ratio | whole: gain kept | streamed: gain kept | streamed - whole (paired) | build s whole / streamed |",
+             "|---|---|---|---|---|"]
+    if "full" in nll:
+        for r in ratios:
+            w, s = nll.get(f"whole@{r:g}"), nll.get(f"streamed@{r:g}")
+            if w is None or s is None:
+                continue
+            gw, gs = (stats.gain_estimate(nll["none"], nll["full"], x) for x in (w, s))
+            d = stats.paired(nll["none"], nll["full"], s, w)
+            lines.append(f"| {r:g} | {gw.format()} | {gs.format()} | {d.format(signed=True, digits=3)} | "
+                         f"{build_s[f'whole@{r:g}']:.0f} / {build_s[f'streamed@{r:g}']:.0f} |")
+    (OUT / "quality.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("memory")
+    m.add_argument("--sizes", default="8000,30000,60000")
+    m.add_argument("--ratio", type=float, default=0.1)
+    m.add_argument("--model", default="default")
+    m.add_argument("--questions", type=int, default=30)
+    m.add_argument("--threads", type=int, default=2)
+    o = sub.add_parser("one")
+    o.add_argument("--tokens", type=int, required=True)
+    o.add_argument("--ratio", type=float, required=True)
+    o.add_argument("--model", required=True)
+    o.add_argument("--questions", type=int, default=30)
+    o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--json", type=Path, required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--articles", default="0,1,2,3")
+    q.add_argument("--ratios", default="0.25,0.1")
+    q.add_argument("--model", default="qwen2.5-coder-0.5b")
+    q.add_argument("--questions", type=int, default=40)
+    q.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    if args.cmd == "one":
+        args.json.write_text(json.dumps(one_size(args)), encoding="utf-8")
+        return 0
+    return memory(args) if args.cmd == "memory" else quality(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
