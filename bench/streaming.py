@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import kvcompile  # noqa: E402
-from kvcompile.builder import BuildOptions, document_ids, tokenize  # noqa: E402
+from kvcompile.builder import BuildOptions, tokenize  # noqa: E402
 from kvcompile.corpus import read_corpus  # noqa: E402
 from kvcompile.data.qa import EvalSet  # noqa: E402
 from kvcompile.data.squad import squad_article, squad_articles  # noqa: E402
@@ -247,7 +247,8 @@ def write_quality(name, tokens, documents, qas, nll, build_s, ratios, args) -> N
              "queried at compacted positions (the default). Gain kept: the share of the full context's "
              "gold-answer NLL gain over no context, per question linearised and pooled, ± standard error; "
              f"the paired column is streamed - whole. Reproduce: `{meta['command']}`.", "",
-             "| ratio | whole: gain kept | streamed: gain kept | streamed - whole (paired) | build s whole / streamed |",
+             "| ratio | whole: gain kept | streamed: gain kept | streamed - whole (paired) "
+             "| build s whole / streamed |",
              "|---|---|---|---|---|"]
     if "full" in nll:
         for r in ratios:

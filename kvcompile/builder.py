@@ -59,7 +59,7 @@ class BuildOptions:
     context: str = "chained"  # what each document is compiled after: "independent" or "chained"
     budgets: str = "document"  # how documents share the budget: "document" or "corpus" (budgets.py)
     doc_floor: float = 0.1  # with corpus budgets: the share of its even budget a document keeps at least
-    stream: bool | None = None  # compile at compacted positions (a corpus beyond the window); None: when it does not fit
+    stream: bool | None = None  # compile at compacted positions (corpora beyond the window); None: if it does not fit
 
     def validate(self) -> None:
         if self.budget is None and self.ratio is None:

@@ -319,8 +319,14 @@ def inspect(
                   f"scorer {_show(o['scorer']['name'])}, codec {_show(o['codec']['name'])}, chunk {o['chunk_size']}",
                   soft_wrap=True)
         out.print(f"corpus    {len(manifest)} documents, {h['corpus']['tokens']} tokens (+{full - h['corpus']['tokens']} framing)")
-        out.print(f"positions questions start at {p.attended_positions('compact')[1]} (compact: the longest head's "
-                  f"kept tokens) or {p.question_position} (--positions original)", soft_wrap=True)
+        compact = p.attended_positions("compact")[1]
+        if p.question_position > m["max_positions"]:
+            out.print(f"positions streamed past the window of {m['max_positions']}: questions start at {compact} "
+                      "(compact: the longest head's kept tokens)", soft_wrap=True)
+        else:
+            out.print(f"positions questions start at {compact} (compact: the longest head's kept tokens) or "
+                      f"{p.question_position} (--positions original)"
+                      + (", compiled compacted (--stream)" if o.get("stream") else ""), soft_wrap=True)
         spans = ["top kept span"] if view else []
         docs = Table("document", "tokens", "kept", "sha256", *spans, box=None, pad_edge=False)
         for i, d in enumerate(manifest[:20]):

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .errors import ModelMismatchError, OptionError
+from .errors import OptionError
 from .models import LoadedModel, load_model
-from .pack import POSITIONS, Pack, visible
+from .pack import POSITIONS, Pack, check_same_model, visible
 from .ragged import RaggedKV, within_heads
 from .rope import place, rotaries
 from .session import Session
@@ -60,12 +60,7 @@ def compose(packs: Sequence[Pack], model: LoadedModel | str | None = None, posit
         raise OptionError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
     first = packs[0]
     mode = positions if positions != "auto" else "compact" if first.model["rope"] else "original"
-    for p in packs[1:]:
-        if p.model["fingerprint"] != first.model["fingerprint"]:
-            raise ModelMismatchError(
-                f"{p.path} was built with model {p.model['name']!r} ({p.model['fingerprint'][:12]}) and "
-                f"{first.path} with {first.model['name']!r} ({first.model['fingerprint'][:12]}): "
-                "compose packs built with one model")
+    check_same_model(packs, "compose")
     if len(packs) > 1 and not first.model["rope"]:
         raise OptionError(f"{first.model['name']!r} has absolute positions: a pack's KV holds them, so packs of it "
                           "cannot be placed after one another; build one pack of all the corpora")

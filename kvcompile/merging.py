@@ -27,9 +27,9 @@ import torch
 from . import __version__
 from .codecs import copy_runs
 from .container import DTYPES
-from .errors import ModelMismatchError, OptionError
+from .errors import OptionError
 from .format import FORMAT_VERSION, encode_positions, zstd_frame
-from .pack import Pack, load
+from .pack import Pack, check_same_model, load
 from .rebuild import output_lock
 from .writer import check_output, manifest_tensor, seal, write_pack
 
@@ -58,13 +58,9 @@ def merge(paths: Sequence[str | os.PathLike], output: str | os.PathLike) -> Merg
 
 
 def _check_mergeable(packs: list[Pack]) -> None:
+    check_same_model(packs, "merge")
     first = packs[0]
     for p in packs[1:]:
-        if p.model["fingerprint"] != first.model["fingerprint"]:
-            raise ModelMismatchError(
-                f"{p.path} was built with model {p.model['name']!r} ({p.model['fingerprint'][:12]}) and "
-                f"{first.path} with {first.model['name']!r} ({first.model['fingerprint'][:12]}): merge packs "
-                "built with one model")
         for section in ("recipe", "framing", "options"):
             if p.header[section] != first.header[section]:
                 key = next(k for k in sorted(set(p.header[section]) | set(first.header[section]))

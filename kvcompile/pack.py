@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import string
+from typing import Sequence
 
 import torch
 
@@ -406,6 +407,18 @@ class Pack:
         return {"file": c.size, "header": c.data_start, **by_part, "full_fp16": full,
                 "positions_raw_int32": 4 * sum(map(sum, self.kept)),
                 "ratio_vs_full_fp16": c.size / full if full else 0.0}
+
+
+def check_same_model(packs: Sequence[Pack], action: str) -> None:
+    """Refuse packs built with different models, naming both (``action``: what needs one model,
+    as in "compose packs built with one model")."""
+    first = packs[0]
+    for p in packs[1:]:
+        if p.model["fingerprint"] != first.model["fingerprint"]:
+            raise ModelMismatchError(
+                f"{p.path} was built with model {p.model['name']!r} ({p.model['fingerprint'][:12]}) and "
+                f"{first.path} with {first.model['name']!r} ({first.model['fingerprint'][:12]}): "
+                f"{action} packs built with one model")
 
 
 def load(path: str | os.PathLike, verify: bool = True) -> Pack:

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .builder import (BuildOptions, check_fits, compile_corpus, document_ids, fits, plan_budgets, segment_keys,
-                      tokenize)
+from .builder import BuildOptions, check_fits, compile_corpus, document_ids, fits, plan_budgets, segment_keys, tokenize
 from .corpus import MAX_FILE_BYTES, Skipped, read_corpus
 from .kvmix import layer_bits, recorded_bits
 from .memory import PeakMemory

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from kvcompile.cli import app
 from kvcompile.data.qa import QA
-from kvcompile.memory import PeakMemory
 from kvcompile.evaluation.methods import RagMethod, pack_method, prefill_method
 from kvcompile.evaluation.metrics import contains, exact_match, f1, normalize_answer
 from kvcompile.evaluation.rag import Bm25Retriever, chunk_documents
+from kvcompile.memory import PeakMemory
 from kvcompile.pack import load
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -146,8 +146,8 @@ def test_what_streaming_cannot_do_is_refused_in_one_line(small_lm, tmp_path):
               BuildOptions(ratio=0.02, chunk_size=CHUNK, budgets="corpus"))
     with pytest.raises(OptionError, match="lower --chunk-size"):
         build([docs], tmp_path / "p.kvpack", small_lm, recipe, BuildOptions(ratio=0.02, chunk_size=400))
-    gpt2 = load_model(str(make_tiny_model(tmp_path / "gpt2", arch="gpt2", max_position_embeddings=WINDOW)), device="cpu",
-                      progress=False)
+    gpt2 = make_tiny_model(tmp_path / "gpt2", arch="gpt2", max_position_embeddings=WINDOW)
+    gpt2 = load_model(str(gpt2), device="cpu", progress=False)
     with pytest.raises(CorpusError, match="absolute positions"):
         build([docs], tmp_path / "p.kvpack", gpt2, recipe, BuildOptions(ratio=0.02, chunk_size=CHUNK))
     assert not (tmp_path / "p.kvpack").exists()
@@ -161,6 +161,8 @@ def test_cli_streams_and_queries_a_long_corpus(small_lm, tmp_path):
                                  "--chunk-size", str(CHUNK), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "streamed at compacted positions" in result.stderr
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 0 and f"streamed past the window of {WINDOW}" in result.stdout
     result = runner.invoke(app, ["query", str(out), "When does the link expire?", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["query", str(out), "When does the link expire?", "--positions", "original"])

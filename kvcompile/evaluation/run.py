@@ -9,9 +9,9 @@ from typing import Callable, Sequence
 import torch
 
 from ..data.qa import QA
+from ..memory import PeakMemory
 from ..quality import gain_kept
 from . import stats
-from ..memory import PeakMemory
 from .methods import Method
 from .metrics import contains, exact_match, f1
 
