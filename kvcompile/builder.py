@@ -417,8 +417,8 @@ class _Compiler:
     def compacted(self, parts: Sequence[RaggedKV]) -> RaggedKV:
         """Stored parts (layers stacked) placed one after another at compacted positions: each
         head's rows at ``0, 1, ...`` in order, as a pack is loaded with ``--positions compact``."""
-        kv = RaggedKV.cat(list(parts))
-        return self.attendable(kv.replace(positions=within_heads(kv.lengths, kv.positions.device)), 0)
+        kv = RaggedKV.cat([p.to(self.device, self.dtype) for p in parts])  # reused segments come as stored
+        return self.attendable(kv.replace(positions=within_heads(kv.lengths, self.device)), 0)
 
     @torch.no_grad()
     def segment(self, ids: list[int], origin: int, context: list[RaggedKV], target: int, protect: int,

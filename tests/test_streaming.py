@@ -264,3 +264,14 @@ def test_lagkv_freezes_what_it_judged_and_kept(tiny_lm, tmp_path, monkeypatch, r
     assert judged_and_kept > 0
     header = kvcompile.load(tmp_path / "p.kvpack").header
     assert header["options"]["scorer"]["recursive"] is recursive
+
+
+def test_an_edit_to_a_streamed_corpus_recompiles_from_that_document_on(small_lm, tmp_path):
+    docs = corpus(tmp_path / "c", 4, 700)
+    options = BuildOptions(ratio=0.02, chunk_size=CHUNK)  # fp16 storage: reused rows come back decoded
+    build([docs], tmp_path / "p.kvpack", small_lm, load_recipe("qa"), options)
+    (docs / "doc03.txt").write_text((docs / "doc03.txt").read_text() + " refund", encoding="utf-8")
+    report = build([docs], tmp_path / "p.kvpack", small_lm, load_recipe("qa"), options)
+    assert report.streamed and sorted(report.plan.reuse) == [0, 1, 2]
+    build([docs], tmp_path / "clean.kvpack", small_lm, load_recipe("qa"), options)
+    assert (tmp_path / "p.kvpack").read_bytes() == (tmp_path / "clean.kvpack").read_bytes()
