@@ -197,6 +197,8 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="Print the answer and timings as JSON."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to use (default: the pack's)."),
     positions: str = PositionsOpt,
+    select: Optional[float] = typer.Option(None, "--select", metavar="BUDGET", help="Attend only to the segments the question ranks best (BM25 over the pack's segment index), within BUDGET kept tokens per head (a number below 1: that share of the corpus's tokens)."),
+    always: List[str] = typer.Option([], "--always", metavar="PATH", help="With --select: a document always attended (repeatable)."),
     device: Optional[str] = DeviceOpt,
     debug: bool = DebugOpt,
 ) -> None:
@@ -209,9 +211,18 @@ def query(
     with _errors(debug):
         t0 = time.perf_counter()
         paths, question = _packs_and_question(args)
+        if select is not None and len(paths) > 1:
+            raise OptionError("--select takes one pack: merge several with kvcompile merge first")
+        if always and select is None:
+            raise OptionError("--always needs --select")
         packs = [load(p) for p in paths]
         lm = load_model(model or packs[0].model["name"], device=device, progress=False)
-        session = packs[0].session(lm, positions) if len(packs) == 1 else compose(packs, lm, positions)
+        if select is not None:
+            from .retrieval import Selector
+
+            session = Selector(packs[0], lm, select, _segments_of(packs[0], always))
+        else:
+            session = packs[0].session(lm, positions) if len(packs) == 1 else compose(packs, lm, positions)
         load_s = time.perf_counter() - t0
         if question is not None:
             _answer(session, question, max_new_tokens, as_json, load_s)
@@ -245,14 +256,31 @@ def _packs_and_question(args: list[str]) -> tuple[list[Path], str | None]:
     return [Path(a) for a in args[:-1]], last
 
 
+def _segments_of(pack, paths: list[str]) -> list[int]:
+    """The segments holding the documents at ``paths`` (``--always``)."""
+    by_path = {d["path"]: d["segment"] for d in pack.manifest()}
+    missing = [p for p in paths if p not in by_path]
+    if missing:
+        raise OptionError(f"--always {missing[0]!r} is not a document of {pack.path} (see kvcompile inspect)")
+    return sorted({by_path[p] for p in paths})
+
+
 def _answer(session, question: str, max_new_tokens: int, as_json: bool, load_s: float) -> None:
     timings: dict = {}
+    extra = {}
+    from .retrieval import Selector
+
+    if isinstance(session, Selector):  # the question chooses the segments first
+        t0 = time.perf_counter()
+        session, chosen = session.session(question)
+        extra = {"select_s": round(time.perf_counter() - t0, 4), "segments": chosen.segments,
+                 "selected_tokens": round(chosen.tokens, 1)}
     if as_json:
         text = "".join(session.stream(question, max_new_tokens, timings))
         print(json.dumps({"question": question, "answer": text.strip(),
                           "timings": {"pack_load_s": round(load_s, 4), "ttft_s": round(timings["ttft"], 4),
                                       "decode_s": round(timings["decode"], 4), "tokens": timings["tokens"],
-                                      "tokens_per_s": round(timings["tokens_per_s"], 2)}}))
+                                      "tokens_per_s": round(timings["tokens_per_s"], 2)}, **extra}))
         return
     for piece in session.stream(question, max_new_tokens, timings):
         # The answer is text the pack steered: newlines stay, escapes do not reach the terminal.

@@ -7,7 +7,8 @@ pack's segments, moved to where its corpus now starts. Encoded blocks are copied
 are (codecs never group across a segment, :mod:`kvcompile.codecs`), positions are
 shifted, the manifests and segment lists are concatenated, and the segment keys are kept:
 the result is the pack a clean ``independent`` build of the union writes, and a rebuild of
-the union from it reuses every segment.
+the union from it reuses every segment. The segment indexes (:mod:`kvcompile.retrieval`)
+are concatenated too; a merge with a pack written before them has none.
 
 What would make that untrue is refused: other models, recipes, framings or options,
 ``chained`` context (a segment depends on the documents before it), and options whose
@@ -31,7 +32,7 @@ from .errors import OptionError
 from .format import FORMAT_VERSION, encode_positions, zstd_frame
 from .pack import Pack, check_same_model, load
 from .rebuild import output_lock
-from .writer import check_output, manifest_tensor, seal, write_pack
+from .writer import check_output, index_tensor, manifest_tensor, seal, write_pack
 
 
 @dataclass
@@ -151,10 +152,13 @@ def _merged(packs: list[Pack]) -> tuple[dict[str, torch.Tensor], dict]:
         segments += [{**s, "documents": [base + i for i in s["documents"]],
                       "tokens": [t + shift for t in s["tokens"]]} for s in p.header["segments"]]
     data = manifest_tensor(manifest, tensors)
+    index = [t for p in packs for t in p.segment_terms()] if all("index" in p.header["corpus"] for p in packs) else None
     corpus_tokens = at
     header = {**first.header, "version": list(FORMAT_VERSION), "generator": f"kvcompile {__version__}",
-              "corpus": {**first.header["corpus"], "documents": len(manifest), "tokens": corpus_tokens,
-                         "manifest_sha256": hashlib.sha256(data).hexdigest(), "manifest_size": len(data)},
+              "corpus": {**{k: v for k, v in first.header["corpus"].items() if k != "index"},
+                         "documents": len(manifest), "tokens": corpus_tokens,
+                         "manifest_sha256": hashlib.sha256(data).hexdigest(), "manifest_size": len(data),
+                         **({"index": index_tensor(index, tensors)} if index is not None else {})},
               "cache": {**first.layout, "tokens": n_prefix + corpus_tokens,
                         "question_position": n_prefix + corpus_tokens, "kept": kept, "layers": layers},
               "segments": segments}

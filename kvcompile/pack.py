@@ -148,9 +148,15 @@ class Pack:
             raise fail("cache.kept", "a head keeps more tokens than the model's window holds")
         if len(cache["layers"]) != layers:
             raise fail("cache.layers", f"expected {layers} layer entries, found {len(cache['layers'])}")
-        for name in (cache["positions"], corpus["manifest"]):
+        index = corpus.get("index")
+        for name in (cache["positions"], corpus["manifest"], *([index["tensor"]] if index else [])):
             if name not in c or c.entries[name][0] != "U8" or len(c.entries[name][1]) != 1:
                 raise fail(f"tensor {name!r}", "missing or not a 1-D U8 tensor")
+        if index and index["tensor"] in (cache["positions"], corpus["manifest"]):
+            raise fail("corpus.index.tensor", f"tensor {index['tensor']!r} is used twice")
+        if index and (index["size"] > c.size or (index["retriever"], index["stopwords"]) != ("bm25s", "en")):
+            raise fail("corpus.index", "larger than the whole pack, or a retriever other than bm25s with "
+                                       "English stop words")
         if set(h["checksums"]) != set(c.entries):
             odd = sorted(set(h["checksums"]) ^ set(c.entries))[0]
             raise fail("checksums", f"does not list exactly the pack's tensors ({odd!r})")
@@ -168,6 +174,9 @@ class Pack:
         known = {cache["positions"]: "positions", corpus["manifest"]: "manifest"}
         payload = {"keys": 0, "values": 0, "positions": c.nbytes(cache["positions"]),
                    "manifest": c.nbytes(corpus["manifest"])}
+        if "index" in corpus:
+            known[corpus["index"]["tensor"]] = "index"
+            payload["index"] = c.nbytes(corpus["index"]["tensor"])
         for li, entry in enumerate(cache["layers"]):
             for part in ("keys", "values"):
                 codec = codec_from_entry(entry[part], f"{self.path}: cache.layers[{li}].{part}")
@@ -190,7 +199,7 @@ class Pack:
                                                        f"{expected[role][0]} {list(expected[role][1])}")
                     known[name] = part
                     payload[part] += c.nbytes(name)
-        self._part_of = known  # tensor name -> "keys", "values", "positions" or "manifest"
+        self._part_of = known  # tensor name -> "keys", "values", "positions", "manifest" or "index"
         for name in c.entries:
             if name not in known:
                 raise PackError(f"{self.path}: pack holds tensor {name!r}, which this kvcompile does not know: "
@@ -236,6 +245,26 @@ class Pack:
         except schema.SchemaError as e:
             raise PackError(f"{self.path}: corrupt pack ({e}): rebuild it") from None
         return manifest
+
+    def segment_terms(self) -> list[dict[str, int]]:
+        """Each segment's BM25 terms and counts: the segment index (format spec, section 5),
+        read and validated on first use. OptionError for a pack built without one."""
+        index = self.header["corpus"].get("index")
+        if index is None:
+            raise OptionError(f"{self.path} has no segment index (built before kvcompile wrote one): rebuild it "
+                              "to select segments per question")
+        data = unzstd(self._tensor(index["tensor"]).numpy(), index["size"], "segment index", self.path)
+        if hashlib.sha256(data).hexdigest() != index["sha256"]:
+            raise PackError(f"{self.path}: corrupt pack (segment index checksum mismatch): rebuild it")
+        try:
+            schema.check_items(data, self.container.size, "corpus.index")
+            terms = schema.check(schema.INDEX, schema.parse(data), "corpus.index")
+            if len(terms) != len(self.header["segments"]):
+                raise schema.SchemaError("corpus.index", f"lists {len(terms)} segments, the header "
+                                                         f"{len(self.header['segments'])}")
+        except schema.SchemaError as e:
+            raise PackError(f"{self.path}: corrupt pack ({e}): rebuild it") from None
+        return terms
 
     def _tensor(self, name: str) -> torch.Tensor:
         if name not in self._tensors:

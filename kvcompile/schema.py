@@ -356,7 +356,10 @@ HEADER = Obj({
         "manifest": TENSOR_NAME,
         "manifest_sha256": HEX64,
         "manifest_size": Int(2, MAX_BYTES),
-    }),
+        # format 1.3: the segment index (retrieval.py), a tensor like the manifest
+        "index": Obj({"tensor": TENSOR_NAME, "sha256": HEX64, "size": Int(2, MAX_BYTES),
+                      "retriever": Str(max_len=64), "stopwords": Str(max_len=64)}),
+    }, optional=frozenset({"index"})),
     "cache": Obj({
         "tokens": Int(1),
         "question_position": Int(1),
@@ -371,8 +374,12 @@ HEADER = Obj({
         "budget": Int(1),  # tokens kept per KV head (format 1.x before budgets were recorded: absent)
     }, optional=frozenset({"budget"})), min_len=1, max_len=MAX_DOCUMENTS),
     "checksums": Map(HEX64, max_len=MAX_TENSORS, key=TENSOR_NAME),
-    "payload_bytes": Obj({part: Int(0, MAX_BYTES) for part in ("keys", "values", "positions", "manifest")}),
+    "payload_bytes": Obj({part: Int(0, MAX_BYTES) for part in ("keys", "values", "positions", "manifest", "index")},
+                         optional=frozenset({"index"})),
 }, optional=frozenset({"generator"}))
+
+# Per segment, its BM25 terms and their counts (format spec, section 5).
+INDEX = List(Map(Int(1), max_len=1 << 20, key=Str(max_len=1024)), max_len=MAX_DOCUMENTS)
 
 MANIFEST = List(Obj({
     "path": Str(),

@@ -24,6 +24,7 @@ from .format import FORMAT_VERSION, encode_positions, zstd_frame
 from .kvmix import DEFAULTS as KVMIX
 from .models import LoadedModel
 from .recipe import Recipe
+from .retrieval import RETRIEVER, segment_terms
 from .rope import rotaries
 
 
@@ -86,6 +87,7 @@ def pack_tensors_and_header(
         segments.append({"documents": [i], "tokens": [offset, offset + len(ids)], "key": key, "budget": budget})
         offset += len(ids)
     manifest_bytes = manifest_tensor(manifest, tensors)
+    index = index_tensor(segment_terms([d.text for d in documents]), tensors)
     header = {
         "format": "kvpack",
         "version": list(FORMAT_VERSION),
@@ -104,7 +106,7 @@ def pack_tensors_and_header(
         "framing": tk.framing.to_json(),
         "corpus": {"documents": len(documents), "tokens": tk.corpus_tokens, "manifest": "manifest",
                    "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-                   "manifest_size": len(manifest_bytes)},
+                   "manifest_size": len(manifest_bytes), "index": index},
         "cache": {"tokens": tk.total, "question_position": tk.total, "kept": kept, "positions": "positions",
                   "layers": layer_entries},
         "segments": segments,
@@ -127,6 +129,14 @@ def manifest_tensor(manifest: list[dict], tensors: dict[str, torch.Tensor]) -> b
     return data
 
 
+def index_tensor(terms: list[dict[str, int]], tensors: dict[str, torch.Tensor]) -> dict:
+    """Put the segment index (:func:`kvcompile.retrieval.segment_terms`, one entry per segment)
+    into ``tensors``, as the manifest; its header entry (``corpus.index``)."""
+    data = json.dumps(terms, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    tensors["index"] = zstd_frame(data)
+    return {"tensor": "index", "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), **RETRIEVER}
+
+
 def seal(header: dict, tensors: dict[str, torch.Tensor]) -> dict:
     """``header`` with the checksums and payload sizes of ``tensors`` (format spec, section 2)."""
     def part_bytes(part: str) -> int:
@@ -136,7 +146,8 @@ def seal(header: dict, tensors: dict[str, torch.Tensor]) -> dict:
     return {**header,
             "checksums": {n: hashlib.sha256(tensor_bytes(t)).hexdigest() for n, t in sorted(tensors.items())},
             "payload_bytes": {"keys": part_bytes("keys"), "values": part_bytes("values"),
-                              "positions": tensors["positions"].numel(), "manifest": tensors["manifest"].numel()}}
+                              "positions": tensors["positions"].numel(), "manifest": tensors["manifest"].numel(),
+                              **({"index": tensors["index"].numel()} if "index" in tensors else {})}}
 
 
 def _copy_reused(named: dict[str, torch.Tensor], codec, runs: list[int], bins: int, reused, li: int,

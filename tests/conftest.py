@@ -129,9 +129,13 @@ def rewrite_pack():
                 roles = {n: part for entry in header["cache"]["layers"] for part in ("keys", "values")
                          for n in entry[part]["tensors"].values()}
                 roles.update({header["cache"]["positions"]: "positions", header["corpus"]["manifest"]: "manifest"})
+                parts = ["keys", "values", "positions", "manifest"]
+                if "index" in header["corpus"]:
+                    roles[header["corpus"]["index"]["tensor"]] = "index"
+                    parts.append("index")
                 header["payload_bytes"] = {
                     part: sum(t.numel() * t.element_size() for n, t in tensors.items() if roles.get(n) == part)
-                    for part in ("keys", "values", "positions", "manifest")}
+                    for part in parts}
             except (KeyError, TypeError, AttributeError):
                 pass
         text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
