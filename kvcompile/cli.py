@@ -386,7 +386,8 @@ def inspect(
                       f"{per_row['values']:.1f} (fp16: {storage['fp16_bytes_per_row']} each), with scales and zeros"
                       + (f"; codebooks {_mib(storage['codebook_bytes'])}" if storage["codebook_bytes"] else ""))
         share = sum(map(sum, kept)) / (full * len(kept) * len(kept[0]))
-        parts = ", ".join(f"{k} {_mib(sizes[k])}" for k in ("keys", "values", "positions", "manifest", "header") if sizes[k])
+        parts = ", ".join(f"{k} {_mib(sizes[k])}" for k in ("keys", "values", "positions", "manifest", "index", "header")
+                          if sizes[k])
         out.print(f"tokens    kept {share:.1%} of {full} per layer and head")
         out.print(f"bytes     {_mib(sizes['file'])} ({parts})")
         out.print(f"positions zstd of deltas: {sizes['positions'] / max(1, sum(map(sum, kept))):.2f} bytes per kept "
@@ -482,6 +483,7 @@ def eval_(
     questions: Optional[int] = typer.Option(None, "--questions", "-n", help="Ask only the first N questions."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Longest generated answer, in tokens."),
     rag_chunk: int = typer.Option(128, "--rag-chunk", help="Tokens per BM25 chunk for the rag baseline."),
+    select: Optional[float] = typer.Option(None, "--select", metavar="BUDGET", help="Also answer from each pack's segments that each question ranks best (query --select), within BUDGET kept tokens per head (below 1: that share of the corpus); the method is named select."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Method the others are compared with (paired difference in gain kept ± SE), e.g. kvcompile@0.25; default: the pack at the same kept ratio."),
     seed: int = typer.Option(0, "--seed", help="Seed for generated datasets and HotpotQA pools."),
     model: Optional[str] = ModelOpt,
@@ -554,7 +556,7 @@ def eval_(
         for m in modes:
             if m not in POSITIONS:
                 raise OptionError(f"--positions takes {', '.join(POSITIONS)} (comma-separated), not {m!r}")
-        makers = plan(lm, opened, documents, recipe, wanted, rag_chunk, modes)
+        makers = plan(lm, opened, documents, recipe, wanted, rag_chunk, modes, select)
         with _question_bar(quiet, len(makers) * len(qas)) as step:
             results = evaluate(makers, qas, lm.device, max_new_tokens, step)
 

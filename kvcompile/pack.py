@@ -430,7 +430,7 @@ class Pack:
         """Bytes by part, and the fp16 full cache it replaces."""
         m, c = self.model, self.container
         full = 2 * m["num_layers"] * m["num_kv_heads"] * self.layout["tokens"] * m["head_dim"] * 2
-        by_part = {"keys": 0, "values": 0, "positions": 0, "manifest": 0, "other": 0}
+        by_part = {"keys": 0, "values": 0, "positions": 0, "manifest": 0, "index": 0, "other": 0}
         for name in c.entries:
             by_part[self._part_of.get(name, "other")] += c.nbytes(name)
         return {"file": c.size, "header": c.data_start, **by_part, "full_fp16": full,

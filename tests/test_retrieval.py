@@ -114,3 +114,19 @@ def test_cli_query_select(tiny_lm, independent_pack, tiny_model_dir):
     assert result.exit_code != 0 and "not a document" in result.stderr
     result = runner.invoke(app, ["query", pack, pack, "Where?", "--select", "0.3"])
     assert result.exit_code != 0 and "kvcompile merge" in result.stderr
+
+
+def test_eval_adds_a_select_method(independent_pack, tiny_corpus, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps({"question": q, "answers": [a]}) for q, a in [
+        ("Where do orders ship from?", "Rotterdam"), ("When was the company founded?", "1998")]) + "\n")
+    result = CliRunner().invoke(app, ["eval", str(independent_pack.path), "--qa", str(qa), "--corpus",
+                                      str(tiny_corpus), "--select", "0.3", "--baselines", "full,rag,none",
+                                      "--max-new-tokens", "2", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    methods = {m["name"]: m for m in json.loads(result.stdout)["methods"]}
+    assert {"select", "full", "none"} <= set(methods) and methods["select"]["kind"] == "select"
+    corpus_tokens = independent_pack.header["corpus"]["tokens"]
+    framing = len(independent_pack.framing.prefix_ids)
+    assert methods["select"]["kv_tokens"] <= framing + 0.3 * corpus_tokens
+    assert methods["select"]["ttft_s"] > 0 and methods["select"]["questions"] == 2

@@ -7,9 +7,12 @@ greedy decoding; they differ only in the KV the question attends to:
 - ``full``: the whole corpus, prefilled once and cached (the quality ceiling);
 - ``none``: the framing alone, no documents (the floor);
 - ``rag``: BM25 chunks up to the pack's token budget, prefilled per question;
+- ``select``: the pack's own segments that BM25 ranks best per question, within a token
+  budget (``query --select``, :mod:`kvcompile.retrieval`): RAG's choice at a pack's cost;
 - any other per-head KV (the kvpress peers of ``bench/peers.py``).
 
-All but ``rag`` are a :class:`~kvcompile.session.Session` over per-head prefixes.
+All but ``rag`` are a :class:`~kvcompile.session.Session` over per-head prefixes (``select``:
+one per question).
 """
 
 from __future__ import annotations
@@ -159,6 +162,52 @@ class RagMethod(Method):
     def kv_tokens(self) -> float:
         sizes = [len(c) for c in self.contexts.values()]
         return sum(sizes) / len(sizes) if sizes else 0.0
+
+    @property
+    def kv_bytes(self) -> float:
+        return self.kv_tokens * kv_bytes_per_token(self.lm)
+
+
+class SelectMethod(Method):
+    """A pack's segments chosen per question (:class:`~kvcompile.retrieval.Selector`): BM25 over
+    the pack's segment index, the best segments within ``budget`` kept tokens per head (below
+    1: that share of the corpus). Choosing and placing them counts in the time to first token."""
+
+    kind = "select"
+
+    def __init__(self, pack, lm: LoadedModel, budget: float, name: str = "select"):
+        from ..retrieval import Selector
+
+        t0 = time.perf_counter()
+        self.selector = Selector(pack, lm, budget)
+        self.setup_seconds = time.perf_counter() - t0
+        self.name, self.lm = name, lm
+        self.ratio = self.selector.budget / pack.layout["tokens"]
+        self.tokens: list[float] = []  # per question: tokens attended per layer and KV head
+        self._last: tuple[str, Session, float] | None = None  # nll and generate ask the same question
+
+    def session(self, qa: QA) -> tuple[Session, float]:
+        """The question's session and the seconds it took to choose and place its segments."""
+        if self._last is None or self._last[0] != qa.question:
+            t0 = time.perf_counter()
+            session, _ = self.selector.session(qa.question)
+            self._last = (qa.question, session, time.perf_counter() - t0)
+            self.tokens.append(sum(layer.rows for layer in session.kv) / sum(layer.heads for layer in session.kv))
+        return self._last[1], self._last[2]
+
+    def answer_nll(self, qa: QA) -> float:
+        return self.session(qa)[0].answer_nll(qa.question, qa.answers[0])
+
+    def generate(self, qa: QA, max_new_tokens: int) -> tuple[str, dict]:
+        session, seconds = self.session(qa)
+        timings: dict = {}
+        text = "".join(session.stream(qa.question, max_new_tokens, timings))
+        timings["ttft"] += seconds
+        return text.strip(), timings
+
+    @property
+    def kv_tokens(self) -> float:
+        return sum(self.tokens) / len(self.tokens) if self.tokens else 0.0
 
     @property
     def kv_bytes(self) -> float:

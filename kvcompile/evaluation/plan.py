@@ -10,7 +10,7 @@ from ..corpus import Document
 from ..errors import CorpusError, OptionError
 from ..models import LoadedModel
 from ..recipe import Recipe
-from .methods import Method, RagMethod, mean_kept, pack_method, prefill_method
+from .methods import Method, RagMethod, SelectMethod, mean_kept, pack_method, prefill_method
 
 BASELINES = ("full", "rag", "none")
 
@@ -37,10 +37,12 @@ def check_corpus(pack, documents: Sequence[Document]) -> None:
 
 def plan(lm: LoadedModel, packs: Sequence, documents: Sequence[Document] | None, recipe: Recipe,
          baselines: Sequence[str], rag_chunk: int = 128,
-         positions: Sequence[str] = ("auto",)) -> list[Callable[[], Method]]:
+         positions: Sequence[str] = ("auto",), select: float | None = None) -> list[Callable[[], Method]]:
     """One maker per method: the baselines (``full``, ``none``, and ``rag`` at each pack's
-    token budget), then the packs, each at every mode of ``positions``. Makers are called
-    one at a time by `evaluate`."""
+    token budget), then the packs, each at every mode of ``positions``, and with ``select``
+    each pack's segments chosen per question within that budget (``select``, named
+    ``select@RATIO`` when there are several packs). Makers are called one at a time by
+    `evaluate`."""
     if not packs and "rag" in baselines:
         raise OptionError("the rag baseline takes its token budget from a pack: give a pack or --sweep")
     makers: list[Callable[[], Method]] = []
@@ -59,6 +61,9 @@ def plan(lm: LoadedModel, packs: Sequence, documents: Sequence[Document] | None,
             makers.append(partial(prefill_method, lm, tk.framing, tk.prefix_ids, "none", "none", 0.0))
     for pack in packs:
         makers += [partial(pack_method, pack, lm, mode) for mode in positions]
+        if select is not None:
+            label = "select" if len(packs) == 1 else f"select@{mean_kept(pack) / pack.layout['tokens']:.2g}"
+            makers.append(partial(SelectMethod, pack, lm, select, label))
         if "rag" in baselines:
             budget = round(mean_kept(pack))
             ratio = budget / pack.layout["tokens"]
