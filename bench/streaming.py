@@ -115,12 +115,19 @@ def one_size(args) -> dict:
             "sample": {"question": sample.question, "gold": sample.answers[0], "answer": answer}}
 
 
+def _cpu(threads: int) -> str:
+    return f"CPU ({threads} torch thread{'s' if threads > 1 else ''})"
+
+
 def _rss_now() -> int:
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * resource.getpagesize()
 
 
 def memory(args) -> int:
+    if args.report_only:  # the tables and plot again from memory.json
+        write_memory(json.loads((OUT / "memory.json").read_text())["rows"], args)
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
     for size in sizes:
@@ -139,7 +146,7 @@ def memory(args) -> int:
 
 def write_memory(rows: list[dict], args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "device": f"CPU ({args.threads} threads)",
+    meta = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "device": _cpu(args.threads),
             "command": f"python bench/streaming.py memory --sizes {args.sizes} --ratio {args.ratio}"}
     (OUT / "memory.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     base = rows[0]
@@ -234,7 +241,7 @@ def quality(args) -> int:
 def write_quality(name, tokens, documents, qas, nll, build_s, ratios, args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "corpus": name, "tokens": tokens, "documents": documents, "questions": len(qas),
-            "date": time.strftime("%Y-%m-%d"), "device": f"CPU ({args.threads} threads)",
+            "date": time.strftime("%Y-%m-%d"), "device": _cpu(args.threads),
             "command": f"python bench/streaming.py quality --articles {args.articles} --ratios {args.ratios} "
                        f"--questions {args.questions}"}
     (OUT / "quality.json").write_text(json.dumps({**meta, "build_s": build_s, "nll": nll,
@@ -271,6 +278,7 @@ def main(argv=None) -> int:
     m.add_argument("--model", default="default")
     m.add_argument("--questions", type=int, default=30)
     m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--report-only", action="store_true", help="Write memory.md and memory.png from memory.json.")
     o = sub.add_parser("one")
     o.add_argument("--tokens", type=int, required=True)
     o.add_argument("--ratio", type=float, required=True)

@@ -95,7 +95,7 @@ def test_safe_open_lists_every_tensor_and_the_kvpack_header(tiny_pack):
         tensors = {n: f.get_tensor(n) for n in names}
     layers = pack.model["num_layers"]
     expected = {f"layers.{li}.{part}" for li in range(layers) for part in ("keys", "values")}
-    expected |= {"positions", "manifest"}
+    expected |= {"positions", "manifest", "index"}
     assert names == expected == set(pack.container.entries)
     assert set(meta) == {"kvpack", "kvpack_sha256"}
     header = json.loads(meta["kvpack"])

@@ -189,13 +189,14 @@ def test_checksums_payload_bytes_and_sizes(pack, tiny_pack):
         assert h["checksums"][name] == hashlib.sha256(c.raw(name)).hexdigest()
     layer_bytes = {part: sum(c.nbytes(f"layers.{li}.{part}") for li in range(len(pack.kept)))
                    for part in ("keys", "values")}
-    assert h["payload_bytes"] == {**layer_bytes, "positions": c.nbytes("positions"), "manifest": c.nbytes("manifest")}
+    assert h["payload_bytes"] == {**layer_bytes, "positions": c.nbytes("positions"), "manifest": c.nbytes("manifest"),
+                                  "index": c.nbytes("index")}
     sizes = pack.sizes()
     m = pack.model
     assert sizes["file"] == tiny_pack.stat().st_size
     assert sizes["header"] == c.data_start
     assert sizes["full_fp16"] == 2 * m["num_layers"] * m["num_kv_heads"] * pack.layout["tokens"] * m["head_dim"] * 2
-    assert sizes["keys"] == layer_bytes["keys"] and sizes["other"] == 0
+    assert sizes["keys"] == layer_bytes["keys"] and sizes["index"] == c.nbytes("index") and sizes["other"] == 0
 
 
 # ----------------------------------------------------------------------------- versions
