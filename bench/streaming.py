@@ -200,6 +200,47 @@ def _plot(rows: list[dict]) -> None:
     fig.savefig(OUT / "memory.png", dpi=100)
 
 
+# -- one compile forward: what the context costs ---------------------------------------------
+
+
+def chunk_memory(args) -> int:
+    """Heap added by one compile forward (a chunk after a context of N rows per head, every
+    layer), with the cache's padded prefix copies kept for every layer or transient (one
+    layer's at a time, as the compiler runs it), at each context length."""
+    from kvcompile.attention import pack_attention
+    from kvcompile.cache import PackCache, forward
+    from kvcompile.memory import PeakMemory
+    from kvcompile.ragged import RaggedKV
+
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model, device="cpu", progress=False)
+    cap = lm.capability
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(lm.tokenizer), (1, args.chunk), generator=g)
+    rows = []
+    for n in (int(x) for x in args.contexts.split(",")):
+        ctx = [RaggedKV.from_dense(torch.randn(cap.num_kv_heads, n, cap.head_dim, generator=g),
+                                   torch.randn(cap.num_kv_heads, n, cap.head_dim, generator=g), torch.arange(n))
+               for _ in range(cap.num_layers)]
+        peaks = {}
+        for transient in (False, True):
+            with torch.no_grad(), pack_attention(lm.model), PeakMemory("cpu") as m:
+                cache = PackCache(ctx, start=n, capacity=args.chunk, transient=transient)
+                forward(lm.model, ids, cache, logits_to_keep=1)
+                del cache
+            peaks["transient" if transient else "kept"] = m.peak
+        rows.append({"context": n, "chunk": args.chunk, **peaks})
+        log(f"  context {n}: {peaks['kept'] / 2**20:.0f} MiB kept, {peaks['transient'] / 2**20:.0f} MiB transient")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "chunk-memory.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=1) + "\n")
+    lines = ["| context rows per head | chunk | heap added, prefix copies kept | transient (one layer's) |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['context']} | {r['chunk']} | {r['kept'] / 2**20:.0f} MiB | {r['transient'] / 2**20:.0f} MiB |"
+              for r in rows]
+    (OUT / "chunk-memory.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return 0
+
+
 # -- quality: streamed against whole, on a union that fits -----------------------------------
 
 
@@ -286,6 +327,11 @@ def main(argv=None) -> int:
     o.add_argument("--questions", type=int, default=30)
     o.add_argument("--threads", type=int, default=2)
     o.add_argument("--json", type=Path, required=True)
+    c = sub.add_parser("chunk")
+    c.add_argument("--contexts", default="900,3400,7000")
+    c.add_argument("--chunk", type=int, default=2048)
+    c.add_argument("--model", default="default")
+    c.add_argument("--threads", type=int, default=1)
     q = sub.add_parser("quality")
     q.add_argument("--articles", default="0,1,2,3")
     q.add_argument("--ratios", default="0.25,0.1")
@@ -296,7 +342,7 @@ def main(argv=None) -> int:
     if args.cmd == "one":
         args.json.write_text(json.dumps(one_size(args)), encoding="utf-8")
         return 0
-    return memory(args) if args.cmd == "memory" else quality(args)
+    return {"memory": memory, "chunk": chunk_memory, "quality": quality}[args.cmd](args)
 
 
 if __name__ == "__main__":

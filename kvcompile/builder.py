@@ -397,7 +397,8 @@ class _Compiler:
         for start in range(0, stream.numel(), o.chunk_size):
             chunk = stream[start : start + o.chunk_size]
             at = n_prefix + start
-            cache = PackCache(RaggedKV.cat([framing, seen]).split(self.layers), start=at, capacity=chunk.numel())
+            cache = PackCache(RaggedKV.cat([framing, seen]).split(self.layers), start=at, capacity=chunk.numel(),
+                              transient=True)
             self.prefill(chunk, cache)
             seen = RaggedKV.cat([seen, self.new_tokens(cache, chunk.numel(),
                                                        torch.arange(at, at + chunk.numel(), device=self.device))[0]])
@@ -467,7 +468,7 @@ class _Compiler:
             n_probe = self.probe.numel() if select_now else 0
             x = torch.cat([chunk, self.probe]) if n_probe else chunk
             cache = PackCache(RaggedKV.cat([ctx, attended]).split(self.layers), start=at, capture_queries=n_probe,
-                              capacity=x.numel())
+                              capacity=x.numel(), transient=True)
             self.prefill(x, cache)
             t1 = time.perf_counter()
             chunk_kv, probe_keys = self.new_tokens(cache, n, torch.arange(at, at + n, device=device))

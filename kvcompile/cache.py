@@ -99,6 +99,14 @@ class PackLayer(CacheLayerMixin):
         self.length += t
         return self, self
 
+    def release_prefix(self) -> None:
+        """Keep only the new tokens: drop the padded copy of the prefix (and the decoded rows)
+        that the reference attention read. For a cache whose layers are done with."""
+        if self.pad and self.buffer is not None:
+            self.buffer = self.buffer[:, :, :, self.pad : self.pad + self.length].clone()
+            self.pad = 0
+        self._rows = None
+
     # -- views for the attention --------------------------------------------------------
 
     @property
@@ -151,11 +159,23 @@ class PackCache(Cache):
     start: the position of the first appended token (where a question would have stood
         after the full corpus).
     capacity: new tokens to make room for up front (more are added as needed).
+    transient: a single forward pass whose new tokens alone are read afterwards (the
+        compiler's chunks): each layer's padded prefix copy is dropped when the next layer
+        starts, so memory holds one layer's instead of all of them.
     """
 
-    def __init__(self, prefixes: list[RaggedKV | EncodedKV], start: int, capture_queries: int = 0, capacity: int = 0):
+    def __init__(self, prefixes: list[RaggedKV | EncodedKV], start: int, capture_queries: int = 0, capacity: int = 0,
+                 transient: bool = False):
         super().__init__(layers=[PackLayer(p, start, capture_queries, capacity) for p in prefixes])
         self.start = start
+        self.transient = transient
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # A transient cache (one forward of the compiler) is read once per layer, in order: the
+        # layer before is done, so only its new tokens stay (one padded prefix at a time, not all).
+        if self.transient and layer_idx > 0:
+            self.layers[layer_idx - 1].release_prefix()
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def prefix_tokens(self) -> int:
         """Kept prefix tokens summed over layers and KV heads."""

@@ -275,3 +275,25 @@ def test_an_edit_to_a_streamed_corpus_recompiles_from_that_document_on(small_lm,
     assert report.streamed and sorted(report.plan.reuse) == [0, 1, 2]
     build([docs], tmp_path / "clean.kvpack", small_lm, load_recipe("qa"), options)
     assert (tmp_path / "p.kvpack").read_bytes() == (tmp_path / "clean.kvpack").read_bytes()
+
+
+def test_a_transient_cache_holds_one_padded_prefix_at_a_time(tiny_lm, tiny_pack):
+    """The compiler's forward passes read only their new tokens afterwards: each layer's padded
+    copy of the context is dropped once the next layer starts, and nothing else changes."""
+    from kvcompile.attention import pack_attention
+    from kvcompile.cache import PackCache, forward
+
+    pack = kvcompile.load(tiny_pack)
+    kv = pack.place(tiny_lm)
+    ids = torch.tensor([[5, 17, 230, 9, 4]])
+    out = {}
+    for transient in (False, True):
+        cache = PackCache(kv, start=pack.question_position, transient=transient)
+        with pack_attention(tiny_lm.model):
+            logits = forward(tiny_lm.model, ids, cache).logits
+        out[transient] = logits, [layer.new_keys.clone() for layer in cache.layers], cache
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(out[True][1], out[False][1]))
+    held = [layer.buffer.shape[3] for layer in out[True][2].layers]
+    assert held[:-1] == [5] * (len(held) - 1) and held[-1] > 5  # only the last layer still holds its prefix
+    assert all(layer.buffer.shape[3] > 5 for layer in out[False][2].layers)
