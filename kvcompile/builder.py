@@ -472,10 +472,11 @@ class _Compiler:
             self.prefill(x, cache)
             t1 = time.perf_counter()
             chunk_kv, probe_keys = self.new_tokens(cache, n, torch.arange(at, at + n, device=device))
+            queries = torch.cat([layer.queries[0] for layer in cache.layers]) if n_probe else None
+            del cache  # and with it the concatenated context: scoring needs only the kept rows and the chunk
             here = torch.arange(origin + start, origin + end, device=device).repeat(chunk_kv.heads)
             candidates = RaggedKV.cat([kept, self.unrotated(chunk_kv, here)])  # as stored
-            if n_probe:
-                queries = torch.cat([layer.queries[0] for layer in cache.layers])  # [layers x q_heads, probe, D]
+            if n_probe:  # queries: [layers x q_heads, probe, D]
                 view, protected = RaggedKV.cat([attended, chunk_kv]), candidates.positions - origin < protect
                 if any(frozen):  # a recursive scorer judges only what it has not judged and kept before
                     is_frozen = within_heads(candidates.lengths, device) < torch.repeat_interleave(
