@@ -261,12 +261,20 @@ def quality(args) -> int:
         documents, _ = read_corpus([folder])
         tk = tokenize(documents, recipe, lm)
         log(f"{evalset.name}: {tk.total} tokens, {len(documents)} documents, {len(qas)} questions")
-        none = prefill_method(lm, tk.framing, tk.prefix_ids, "none", "none", 0.0)
-        nll["none"] = [none.answer_nll(qa) for qa in qas]
-        del none
+        previous = _previous(args, evalset.name, [qa.id for qa in qas])
+        nll.update(previous.get("nll", {}))
+        build_s.update(previous.get("build_s", {}))
+        if nll:
+            log(f"  reusing {', '.join(nll)} from {OUT / 'quality.json'}")
+        if "none" not in nll:
+            none = prefill_method(lm, tk.framing, tk.prefix_ids, "none", "none", 0.0)
+            nll["none"] = [none.answer_nll(qa) for qa in qas]
+            del none
         variants = [("full", 1.0, False)] + [(f"{kind}@{r:g}", r, kind == "streamed")
                                               for r in ratios for kind in ("whole", "streamed")]
         for name, ratio, stream in variants:
+            if name in nll:
+                continue
             path = Path(tmp) / f"{name}.kvpack"
             t0 = time.perf_counter()
             build([folder], path, lm, recipe, BuildOptions(ratio=ratio, stream=stream))
@@ -277,6 +285,16 @@ def quality(args) -> int:
             del session
             write_quality(evalset.name, tk.total, len(documents), qas, nll, build_s, ratios, args)
     return 0
+
+
+def _previous(args, corpus: str, ids: list) -> dict:
+    """An earlier run's quality.json on the same model, corpus and questions (its NLLs are reused:
+    the full pack alone is hours on 2 cores), else {}."""
+    path = OUT / "quality.json"
+    if args.fresh or not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return data if (data.get("model"), data.get("corpus"), data.get("ids")) == (args.model, corpus, ids) else {}
 
 
 def write_quality(name, tokens, documents, qas, nll, build_s, ratios, args) -> None:
@@ -338,6 +356,7 @@ def main(argv=None) -> int:
     q.add_argument("--model", default="qwen2.5-coder-0.5b")
     q.add_argument("--questions", type=int, default=40)
     q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--fresh", action="store_true", help="Measure every variant again (default: reuse quality.json's).")
     args = ap.parse_args(argv)
     if args.cmd == "one":
         args.json.write_text(json.dumps(one_size(args)), encoding="utf-8")
