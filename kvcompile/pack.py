@@ -225,12 +225,9 @@ class Pack:
     def _read_manifest(self) -> list[dict]:
         """The corpus manifest, validated against the segments (format spec, sections 5 and 8)."""
         c, segments = self.header["corpus"], self.header["segments"]
-        data = unzstd(self._tensor(c["manifest"]).numpy(), c["manifest_size"], "manifest", self.path)
-        if hashlib.sha256(data).hexdigest() != c["manifest_sha256"]:
-            raise PackError(f"{self.path}: corrupt pack (manifest checksum mismatch): rebuild it")
+        manifest = self._json_frame(c["manifest"], c["manifest_size"], c["manifest_sha256"], "manifest",
+                                    schema.MANIFEST)
         try:
-            schema.check_items(data, self.container.size, "manifest")
-            manifest = schema.check(schema.MANIFEST, schema.parse(data), "manifest")
             if len(manifest) != c["documents"]:
                 raise schema.SchemaError("manifest", f"lists {len(manifest)} documents, the header "
                                                      f"{c['documents']}")
@@ -253,18 +250,23 @@ class Pack:
         if index is None:
             raise OptionError(f"{self.path} has no segment index (built before kvcompile wrote one): rebuild it "
                               "to select segments per question")
-        data = unzstd(self._tensor(index["tensor"]).numpy(), index["size"], "segment index", self.path)
-        if hashlib.sha256(data).hexdigest() != index["sha256"]:
-            raise PackError(f"{self.path}: corrupt pack (segment index checksum mismatch): rebuild it")
+        terms = self._json_frame(index["tensor"], index["size"], index["sha256"], "corpus.index", schema.INDEX)
+        if len(terms) != len(self.header["segments"]):
+            raise PackError(f"{self.path}: corrupt pack (corpus.index: lists {len(terms)} segments, the header "
+                            f"{len(self.header['segments'])}): rebuild it")
+        return terms
+
+    def _json_frame(self, name: str, size: int, sha256: str, what: str, spec: schema.Spec):
+        """Tensor ``name``: one zstd frame of ``size`` bytes of JSON with this SHA-256, checked
+        against ``spec`` (the manifest, the segment index)."""
+        data = unzstd(self._tensor(name).numpy(), size, what, self.path)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise PackError(f"{self.path}: corrupt pack ({what} checksum mismatch): rebuild it")
         try:
-            schema.check_items(data, self.container.size, "corpus.index")
-            terms = schema.check(schema.INDEX, schema.parse(data), "corpus.index")
-            if len(terms) != len(self.header["segments"]):
-                raise schema.SchemaError("corpus.index", f"lists {len(terms)} segments, the header "
-                                                         f"{len(self.header['segments'])}")
+            schema.check_items(data, self.container.size, what)
+            return schema.check(spec, schema.parse(data), what)
         except schema.SchemaError as e:
             raise PackError(f"{self.path}: corrupt pack ({e}): rebuild it") from None
-        return terms
 
     def _tensor(self, name: str) -> torch.Tensor:
         if name not in self._tensors:
