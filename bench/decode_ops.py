@@ -13,7 +13,9 @@ over a tiny random Llama (4 layers, hidden 512, 16 query / 8 KV heads, head_dim 
 of ``bench/runtime.py``) and a ~2k-token corpus, for two packs at ratio 0.25:
 
 - ``fp16``: the ragged rows, attended by ``ragged_attention``;
-- ``int4``: integer codes attended directly (``quant_attention``: dequantise and rotate in the kernel).
+- ``int4``: integer codes attended directly (``quant_attention``: dequantise and rotate in the kernel);
+- ``fp16+sparse``: the fp16 pack with sparse decode (``--sparse auto``, kvcompile/sparse.py):
+  ``page_logits``, the choice of rows in PyTorch, then ``gathered_attention``.
 
 The interpreter's own work inside a launch (it copies tensor arguments for numpy) is not
 counted: each launch runs under a ``record_function`` marker and aten events below it are
@@ -43,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from kvcompile.kernels import attention, dequant, quant_attention, rope, rvq  # noqa: E402
+from kvcompile.kernels import attention, dequant, quant_attention, rope, rvq, sparse  # noqa: E402
 from runtime import QUESTION, make_corpus, make_model  # noqa: E402
 
 import kvcompile  # noqa: E402
@@ -56,7 +58,8 @@ from kvcompile.pipeline import build  # noqa: E402
 from kvcompile.recipe import load_recipe  # noqa: E402
 
 KERNELS = {attention: ("_ragged_attention_kernel", "_combine_kernel"), quant_attention: ("_quant_attention_kernel",),
-           dequant: ("_dequant_kernel",), rope: ("_rope_kernel",), rvq: ("_rvq_kernel",)}
+           dequant: ("_dequant_kernel",), rope: ("_rope_kernel",), rvq: ("_rvq_kernel",),
+           sparse: ("_page_logits_kernel", "_gathered_attention_kernel")}
 
 
 class _Counted:
@@ -136,6 +139,7 @@ def main(argv=None) -> int:
         kvcompile.cache.uses_kernel = lambda device: True  # the CUDA path, on CPU tensors
         kvcompile.attention.uses_kernel = kvcompile.cache.uses_kernel
         results["fp16"] = one_step(kvcompile.load(packs["none"]).session(lm), lm)
+        results["fp16+sparse"] = one_step(kvcompile.load(packs["none"]).session(lm).sparsify(), lm)
         session = kvcompile.load(packs["int4"]).session(lm)
         assert all(isinstance(layer, EncodedKV) and layer.attends_encoded for layer in session.kv)
         results["int4"] = one_step(session, lm)

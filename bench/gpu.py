@@ -22,7 +22,9 @@ process, each timed region between ``torch.cuda.synchronize()`` calls, after a w
 6. **TTFT from the pack**: ``session.ask`` timings (median over ``--questions`` after an
    untimed warm-up); **decode pack**: the same greedy loop as 2 over ``session.cache()``
    (EOS ignored, so both decode numbers count the same tokens; ``session.ask``'s own
-   tokens/s is kept too, but a random model may stop early on EOS);
+   tokens/s is kept too, but a random model may stop early on EOS); **sparse decode**: the
+   same loop with ``--sparse auto`` (RocketKV's hybrid sparse attention, kvcompile/sparse.py)
+   and the bytes of the prefix one step reads;
 7. **attention bandwidth**: bytes of KV read per decode attention call on layer 0 of the
    loaded pack (q_len 1) / its time (CUDA events): :func:`attention_bandwidth`.
 
@@ -497,6 +499,16 @@ def pack_decode(session, lm, decode_tokens: int) -> dict:
             "decode_tokens_per_s": decode_tokens / dt if dt > 0 else None}
 
 
+def sparse_decode(session, lm, decode_tokens: int) -> dict:
+    """:func:`pack_decode` with RocketKV's sparse decode (``--sparse auto``, kvcompile/sparse.py),
+    and what one step reads of the prefix; the session is left dense again."""
+    session.sparsify()
+    try:
+        return {**pack_decode(session, lm, decode_tokens), **session.sparse_report()}
+    finally:
+        session.sparse = session.pages = None
+
+
 def attention_bandwidth(session, lm, iters: int = 200, kernel_time: bool = False) -> dict:
     """Decode attention bandwidth on layer 0 of the loaded pack: KV bytes read per call / seconds per call.
 
@@ -643,6 +655,10 @@ def run_size(lm, corpus: Corpus, args, tmp: Path, deadline: float, estimates: di
     r = ph.run("pack_decode", lambda: pack_decode(session, lm, args.decode_tokens), needs=("pack_load",))
     if r:
         log(f"  pack decode {r['decode_tokens_per_s']:.1f} tok/s (loop TTFT {r['ttft']:.4f}s)")
+    r = ph.run("pack_decode_sparse", lambda: sparse_decode(session, lm, args.decode_tokens), needs=("pack_load",))
+    if r:
+        log(f"  sparse decode (auto) {r['decode_tokens_per_s']:.1f} tok/s, "
+            f"{r['bytes_per_step'] / r['dense_bytes_per_step']:.0%} of the prefix's bytes per step")
     r = ph.run("attention_bandwidth", lambda: attention_bandwidth(session, lm, args.bandwidth_iters),
                needs=("pack_load",))
     if r:

@@ -14,10 +14,14 @@
   to their positions in registers, per block of keys; nothing dense is written.
 - :func:`rvq_decode` (``rvq.py``): residual-VQ rows, the gather-sum of their codewords times
   their scale, to ``[N, D]``.
+- :func:`page_logits` and :func:`gathered_attention` (``sparse.py``): sparse decode's
+  approximate page scores from per-page key bounds, and attention over the prefix rows
+  chosen per KV head, read by index (kvcompile/sparse.py).
 
 Each kernel sits next to its plain PyTorch reference (:func:`ragged_attention_reference`,
 :func:`rope_reference`, :func:`dequantize_reference`, :func:`quant_attention_reference`,
-:func:`rvq_decode_reference`), which is
+:func:`rvq_decode_reference`, :func:`page_logits_reference`,
+:func:`gathered_attention_reference`), which is
 the spec: ``tests/test_kernels.py`` compares them on CPU under
 ``TRITON_INTERPRET=1`` and ``tests/test_kernels_cuda.py`` on a GPU.
 
@@ -43,6 +47,10 @@ _EXPORTS = {
     "quant_attention_reference": "quant_attention",
     "rvq_decode": "rvq",
     "rvq_decode_reference": "rvq",
+    "page_logits": "sparse",
+    "page_logits_reference": "sparse",
+    "gathered_attention": "sparse",
+    "gathered_attention_reference": "sparse",
 }
 
 __all__ = ["triton_available", *_EXPORTS]

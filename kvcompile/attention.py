@@ -18,6 +18,10 @@ Two implementations of the same function, both one call per layer for all heads:
   attends over it. Padding costs
   compute, not storage: the pack and the loaded prefix stay ragged.
 
+Two variants read the same layer when a question asks for them: RocketKV's sparse decode
+(:mod:`kvcompile.sparse`: each decode step attends only to the rows its query chooses) and
+APE's boundary repair for segments chosen per question (:mod:`kvcompile.repair`).
+
 Both are registered with transformers' ``AttentionInterface`` as ``"kvcompile"``. The
 model is switched to it only inside :func:`pack_attention`, and back on exit.
 """
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
+from . import sparse
 from .encoded import EncodedKV
 
 ATTN_IMPLEMENTATION = "kvcompile"
@@ -186,6 +191,11 @@ def kvcompile_attention(module, query, key, value, attention_mask, scaling=None,
     if layer.capture_queries:
         # The scorer reads the probe tokens' queries after the forward pass.
         layer.queries = query[:, :, -layer.capture_queries :].detach()
+    if layer.repair is not None:  # segments chosen per question, with APE's boundary repair
+        return layer.repair.attend(query, layer.rows(), layer.new_keys, layer.new_values, scaling), None
+    if layer.sparse is not None and query.shape[2] == 1:  # a decode step: RocketKV's hybrid sparse attention
+        return sparse.attend(query, layer.rows(), layer.sparse, layer.new_keys, layer.new_values, scaling,
+                             kernel=layer.pad is None), None
     if layer.pad is None:
         if isinstance(layer.prefix, EncodedKV) and window is None and layer.prefix.attends_encoded:
             return layer.prefix.attend(query, layer.new_keys, layer.new_values, scaling, softcap, sinks), None

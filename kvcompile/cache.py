@@ -16,6 +16,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .attention import padding_bias, uses_kernel
 from .encoded import EncodedKV
 from .ragged import RaggedKV
+from .repair import ApeLayer
+from .sparse import PageSummary
 
 _GROW = 256  # new-token slots added when a buffer is full (amortises the copy)
 
@@ -35,9 +37,12 @@ class PackLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, prefix: RaggedKV | EncodedKV, start: int, capture_queries: int = 0, capacity: int = 0):
+    def __init__(self, prefix: RaggedKV | EncodedKV, start: int, capture_queries: int = 0, capacity: int = 0,
+                 sparse: PageSummary | None = None, repair: ApeLayer | None = None):
         super().__init__()
         self.prefix = prefix
+        self.sparse = sparse  # decode steps attend to the pages it chooses (kvcompile/sparse.py)
+        self.repair = repair  # APE's temperature and scale on the segments' rows (kvcompile/repair.py)
         self.start = start
         self.capture_queries = capture_queries
         self.queries: torch.Tensor | None = None
@@ -162,11 +167,18 @@ class PackCache(Cache):
     transient: a single forward pass whose new tokens alone are read afterwards (the
         compiler's chunks): each layer's padded prefix copy is dropped when the next layer
         starts, so memory holds one layer's instead of all of them.
+    sparse: one :class:`~kvcompile.sparse.PageSummary` per layer: decode steps attend only
+        to the prefix pages each chooses (RocketKV's hybrid sparse attention).
+    repair: one :class:`~kvcompile.repair.ApeLayer` per layer: segments chosen per question
+        are attended with APE's temperature and scale.
     """
 
     def __init__(self, prefixes: list[RaggedKV | EncodedKV], start: int, capture_queries: int = 0, capacity: int = 0,
-                 transient: bool = False):
-        super().__init__(layers=[PackLayer(p, start, capture_queries, capacity) for p in prefixes])
+                 transient: bool = False, sparse: list[PageSummary] | None = None,
+                 repair: list[ApeLayer] | None = None):
+        sparse, repair = sparse or [None] * len(prefixes), repair or [None] * len(prefixes)
+        super().__init__(layers=[PackLayer(p, start, capture_queries, capacity, s, r)
+                                 for p, s, r in zip(prefixes, sparse, repair)])
         self.start = start
         self.transient = transient
 

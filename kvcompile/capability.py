@@ -84,6 +84,13 @@ class Capability:
     def has_windows(self) -> bool:
         return any(w is not None for w in self.windows)
 
+    def check_plain_attention(self, option: str) -> None:
+        """Refuse ``option`` (an attention of its own: sparse decode, APE) for models whose
+        attention has sliding windows, a softcap or sinks, which it does not implement."""
+        if self.has_windows or self.softcap is not None or self.sinks:
+            raise OptionError(f"{option} does not support model type '{self.model_type}' (sliding windows, softcap "
+                              f"or sinks): leave it out")
+
     def check_context(self, context: str) -> None:
         """Refuse ``independent`` compilation for models with absolute positions, by name."""
         if context == "independent" and self.absolute_positions:

@@ -61,6 +61,10 @@ def _show(text: object) -> str:
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks on errors.")
 ModelOpt = typer.Option(None, "--model", "-m", help="Model: an alias (smollm2-135m, qwen2.5-coder-0.5b), a local directory or .gguf file, or a Hub id.")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
+ApeOpt = typer.Option(None, "--ape", metavar="T,S", help="With --select: boundary repair of the segments attended side by side (APE): their attention logits divided by temperature T, their log-sum-exp scaled by T*S (e.g. 0.9,0.9; 1,1 is no repair).")
+SparseOpt = typer.Option(None, "--sparse", metavar="TOP_K", help="Decode with RocketKV's hybrid sparse attention: each step attends, per KV head, only to the prefix pages its query scores best from per-page key bounds. TOP_K: auto (the paper's budget split for what the pack kept), a share of each head's rows (0.25), or a number of rows (256); 1 attends to everything (exact).")
+SparsePageOpt = typer.Option(None, "--sparse-page", min=1, help="With --sparse: rows per page summary (default: the paper's split).")
+SparseChannelsOpt = typer.Option(None, "--sparse-channels", min=1, help="With --sparse: query channels the page scores read (default: the paper's split).")
 PositionsOpt = typer.Option("auto", "--positions", help="Where the kept keys stand: compact (contiguous within each layer and KV head, in corpus order; the question right after the longest head), original (their corpus positions), or auto (compact; original for models with absolute positions).")
 
 
@@ -199,6 +203,10 @@ def query(
     positions: str = PositionsOpt,
     select: Optional[float] = typer.Option(None, "--select", metavar="BUDGET", help="Attend only to the segments the question ranks best (BM25 over the pack's segment index), within BUDGET kept tokens per head (a number below 1: that share of the corpus's tokens)."),
     always: List[str] = typer.Option([], "--always", metavar="PATH", help="With --select: a document always attended (repeatable)."),
+    ape: Optional[str] = ApeOpt,
+    sparse: Optional[str] = SparseOpt,
+    sparse_page: Optional[int] = SparsePageOpt,
+    sparse_channels: Optional[int] = SparseChannelsOpt,
     device: Optional[str] = DeviceOpt,
     debug: bool = DebugOpt,
 ) -> None:
@@ -215,17 +223,25 @@ def query(
             raise OptionError("--select takes one pack: merge several with kvcompile merge first")
         if always and select is None:
             raise OptionError("--always needs --select")
+        repair = _ape(ape, select)
+        sparsity = _sparsity(sparse, sparse_page, sparse_channels)
+        if repair is not None and sparsity is not None:
+            raise OptionError("--sparse and --ape do not combine: choose one")
         packs = [load(p) for p in paths]
         lm = load_model(model or packs[0].model["name"], device=device, progress=False)
+        if sparsity is not None:
+            sparsity["kept_ratio"] = packs[0].kept_ratio()
         if select is not None:
             from .retrieval import Selector
 
-            session = Selector(packs[0], lm, select, _segments_of(packs[0], always))
+            session = Selector(packs[0], lm, select, _segments_of(packs[0], always), repair)
         else:
             session = packs[0].session(lm, positions) if len(packs) == 1 else compose(packs, lm, positions)
+            if sparsity is not None:
+                session.sparsify(**sparsity)
         load_s = time.perf_counter() - t0
         if question is not None:
-            _answer(session, question, max_new_tokens, as_json, load_s)
+            _answer(session, question, max_new_tokens, as_json, load_s, sparsity)
             return
         documents = sum(p.header["corpus"]["documents"] for p in packs)
         err.print(f"[dim]{', '.join(_show(p.path) for p in packs)}: {documents} documents; "
@@ -238,7 +254,7 @@ def query(
             if not q.strip():
                 break
             try:
-                _answer(session, q, max_new_tokens, as_json, load_s)
+                _answer(session, q, max_new_tokens, as_json, load_s, sparsity)
             except KvcompileError as e:  # a bad question does not end the session
                 _error(str(e))
 
@@ -265,7 +281,30 @@ def _segments_of(pack, paths: list[str]) -> list[int]:
     return sorted({by_path[p] for p in paths})
 
 
-def _answer(session, question: str, max_new_tokens: int, as_json: bool, load_s: float) -> None:
+def _ape(text: str | None, select: float | None):
+    """``--ape T,S`` as an :class:`~kvcompile.repair.Ape` (None without it); it needs ``--select``."""
+    from .repair import Ape
+
+    if text is None:
+        return None
+    if select is None:
+        raise OptionError("--ape repairs the boundaries of segments chosen per question: it needs --select")
+    return Ape.parse(text)
+
+
+def _sparsity(top_k: str | None, page: int | None, channels: int | None) -> dict | None:
+    """``Session.sparsify``'s arguments from ``--sparse``, ``--sparse-page`` and ``--sparse-channels``."""
+    from .sparse import parse_top_k
+
+    if top_k is None:
+        if page is not None or channels is not None:
+            raise OptionError("--sparse-page and --sparse-channels need --sparse")
+        return None
+    return {"top_k": parse_top_k(top_k), "page": page, "channels": channels}
+
+
+def _answer(session, question: str, max_new_tokens: int, as_json: bool, load_s: float,
+            sparsity: dict | None = None) -> None:
     timings: dict = {}
     extra = {}
     from .retrieval import Selector
@@ -273,8 +312,12 @@ def _answer(session, question: str, max_new_tokens: int, as_json: bool, load_s: 
     if isinstance(session, Selector):  # the question chooses the segments first
         t0 = time.perf_counter()
         session, chosen = session.session(question)
+        if sparsity is not None:
+            session.sparsify(**sparsity)
         extra = {"select_s": round(time.perf_counter() - t0, 4), "segments": chosen.segments,
                  "selected_tokens": round(chosen.tokens, 1)}
+    if session.sparse is not None:
+        extra["sparse"] = session.sparse_report()
     if as_json:
         text = "".join(session.stream(question, max_new_tokens, timings))
         print(json.dumps({"question": question, "answer": text.strip(),
@@ -484,6 +527,10 @@ def eval_(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Longest generated answer, in tokens."),
     rag_chunk: int = typer.Option(128, "--rag-chunk", help="Tokens per BM25 chunk for the rag baseline."),
     select: Optional[float] = typer.Option(None, "--select", metavar="BUDGET", help="Also answer from each pack's segments that each question ranks best (query --select), within BUDGET kept tokens per head (below 1: that share of the corpus); the method is named select."),
+    ape: Optional[str] = typer.Option(None, "--ape", metavar="T,S", help="With --select: also answer from the same segments with APE's boundary repair (query --ape), named select[ape]."),
+    sparse: Optional[str] = typer.Option(None, "--sparse", metavar="TOP_K", help="Also decode each pack with RocketKV's hybrid sparse attention (query --sparse), named kvcompile[sparse]@RATIO: auto, a share of each head's rows, or a number of rows."),
+    sparse_page: Optional[int] = SparsePageOpt,
+    sparse_channels: Optional[int] = SparseChannelsOpt,
     reference: Optional[str] = typer.Option(None, "--reference", help="Method the others are compared with (paired difference in gain kept ± SE), e.g. kvcompile@0.25; default: the pack at the same kept ratio."),
     seed: int = typer.Option(0, "--seed", help="Seed for generated datasets and HotpotQA pools."),
     model: Optional[str] = ModelOpt,
@@ -522,6 +569,7 @@ def eval_(
         if not packs and not ratios:
             raise OptionError("nothing to evaluate: give packs, or --sweep RATIOS to build them")
         wanted = parse_baselines(baselines)
+        repair, sparsity = _ape(ape, select), _sparsity(sparse, sparse_page, sparse_channels)
         torch.manual_seed(seed)
         work = out_dir if out_dir is not None else Path(tmp)
 
@@ -556,7 +604,7 @@ def eval_(
         for m in modes:
             if m not in POSITIONS:
                 raise OptionError(f"--positions takes {', '.join(POSITIONS)} (comma-separated), not {m!r}")
-        makers = plan(lm, opened, documents, recipe, wanted, rag_chunk, modes, select)
+        makers = plan(lm, opened, documents, recipe, wanted, rag_chunk, modes, select, sparsity, repair)
         with _question_bar(quiet, len(makers) * len(qas)) as step:
             results = evaluate(makers, qas, lm.device, max_new_tokens, step)
 

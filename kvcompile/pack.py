@@ -428,6 +428,15 @@ class Pack:
         return {"layers": layers, "bytes_per_row": {part: n / rows for part, n in total.items()},
                 "fp16_bytes_per_row": 2 * self.model["head_dim"], "codebook_bytes": codebooks}
 
+    def mean_kept(self) -> float:
+        """Tokens kept per layer and KV head, on average: the pack's token budget."""
+        kept = self.kept
+        return sum(map(sum, kept)) / (len(kept) * len(kept[0]))
+
+    def kept_ratio(self) -> float:
+        """:meth:`mean_kept` over the tokens compiled (framing included)."""
+        return self.mean_kept() / max(1, self.layout["tokens"])
+
     def sizes(self) -> dict:
         """Bytes by part, and the fp16 full cache it replaces."""
         m, c = self.model, self.container

@@ -24,6 +24,7 @@ from .errors import OptionError
 from .models import LoadedModel
 from .pack import Pack, visible
 from .ragged import within_heads
+from .repair import Ape, ApeLayer
 from .rope import place, rotaries
 from .session import Session
 
@@ -95,11 +96,15 @@ class Selector:
 
     ``budget``: kept tokens per KV head (on average) the chosen segments may hold, or, below
     1, that share of the corpus's tokens. ``always``: segment indices always attended.
+    ``ape``: attend to the chosen segments with APE's boundary repair (kvcompile/repair.py).
     The pack's layers are decoded once and shared by every question.
     """
 
-    def __init__(self, pack: Pack, lm: LoadedModel, budget: float, always: Sequence[int] = ()):
+    def __init__(self, pack: Pack, lm: LoadedModel, budget: float, always: Sequence[int] = (), ape: Ape | None = None):
         pack.check_model(lm)
+        if ape is not None:
+            lm.capability.check_plain_attention("--ape")
+        self.ape = ape
         if not pack.model["rope"]:
             raise OptionError(f"{pack.model['name']!r} has absolute positions, which its KV holds: segments cannot "
                               "be moved next to each other; query the whole pack")
@@ -135,8 +140,12 @@ class Selector:
         wanted[torch.tensor(chosen.segments, dtype=torch.long) + 1] = True
         rows = [layer.where(wanted[torch.bucketize(layer.positions, self.bounds, right=True)])
                 for layer in self.layers]
+        shared = [r.head_counts(r.positions < self.bounds[0]) for r in rows]  # the framing's rows come first
         rows = [r.replace(positions=within_heads(r.lengths).to(r.positions.dtype)) for r in rows]
         start = max(r.max_len for r in rows)
         kv = [place(visible(r, self.lm.capability.windows[li], start), [self.rotaries[li]], self.lm.device,
                     self.lm.dtype) for li, r in enumerate(rows)]
-        return Session.over(self.lm, self.pack.framing, kv, start), chosen
+        session = Session.over(self.lm, self.pack.framing, kv, start)
+        if self.ape is not None:
+            session.repair = [ApeLayer(self.ape, n.to(self.lm.device)) for n in shared]
+        return session, chosen

@@ -15,9 +15,10 @@ import torch
 
 from .attention import pack_attention
 from .cache import PackCache, forward
-from .errors import QuestionError
+from .errors import OptionError, QuestionError
 from .models import LoadedModel, load_model
 from .ragged import RaggedKV
+from .sparse import PageSummary, Sparse
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Session:
         self.kv = pack.place(self.lm, positions)  # refuses another model than the pack's
         self.start = pack.attended_positions(positions)[1]
         self.framing = pack.framing
+        self.sparse, self.pages, self.repair = None, None, None
         self.load_seconds = time.perf_counter() - t0
 
     @classmethod
@@ -48,8 +50,33 @@ class Session:
         for its baselines and by the peer benchmark."""
         self = cls.__new__(cls)
         self.pack, self.lm, self.kv, self.start, self.framing = None, lm, kv, start, framing
+        self.sparse, self.pages, self.repair = None, None, None
         self.load_seconds = 0.0
         return self
+
+    def sparsify(self, top_k: float | None = None, page: int | None = None, channels: int | None = None,
+                 kept_ratio: float | None = None) -> Session:
+        """Decode from here on with RocketKV's hybrid sparse attention (kvcompile/sparse.py): each
+        step attends, per KV head, only to the prefix pages its query chooses. Parameters left
+        None follow the paper's budget split for what the pack kept (``kept_ratio``, by default
+        the pack's). ``top_k = 1`` attends to every row (exact attention). Returns ``self``."""
+        if self.repair is not None:
+            raise OptionError("--sparse and --ape do not combine: choose one")
+        self.lm.capability.check_plain_attention("--sparse")
+        if kept_ratio is None:
+            kept_ratio = self.pack.kept_ratio() if self.pack is not None else 1.0
+        self.sparse = Sparse.auto(kept_ratio, self.kv[0].head_dim, top_k, page, channels)
+        self.pages = [PageSummary.of(layer.materialise(), self.sparse) for layer in self.kv]
+        return self
+
+    def sparse_report(self) -> dict:
+        """Sparse decode's parameters and what a step reads of the prefix (all layers, the
+        model's dtype), against attending to every row."""
+        itemsize = torch.finfo(self.lm.dtype).bits // 8
+        sparse, dense = (sum(x) for x in zip(*(s.bytes_per_step(itemsize) for s in self.pages)))
+        rows = sum(s.rows_read() for s in self.pages)
+        return {**self.sparse.to_json(), "rows_per_step": rows, "prefix_rows": sum(kv.rows for kv in self.kv),
+                "bytes_per_step": sparse, "dense_bytes_per_step": dense}
 
     def question_ids(self, question: str, reserve: int = 0) -> list[int]:
         """Token ids of ``question``; refuses an empty one or one that does not fit."""
@@ -68,7 +95,7 @@ class Session:
     def cache(self, capacity: int = 0) -> PackCache:
         """A fresh cache over the shared, read-only prefix, for one question
         (``capacity``: question and answer tokens to make room for up front)."""
-        return PackCache(self.kv, self.start, capacity=capacity)
+        return PackCache(self.kv, self.start, capacity=capacity, sparse=self.pages, repair=self.repair)
 
     @torch.no_grad()
     def stream(self, question: str, max_new_tokens: int = 128, timings: dict | None = None) -> Iterator[str]:
@@ -104,7 +131,13 @@ class Session:
         a = answer_ids(self.lm, answer)
         x = torch.tensor([q + a], device=self.lm.device)
         with pack_attention(self.lm.model):
-            logits = forward(self.lm.model, x, self.cache(), logits_to_keep=len(a) + 1).logits
+            if self.sparse is None:
+                logits = forward(self.lm.model, x, self.cache(), logits_to_keep=len(a) + 1).logits
+            else:  # as decoding reads it: the question in one forward, then one answer token per step
+                cache = self.cache(capacity=len(q) + len(a))
+                steps = [forward(self.lm.model, x[:, : len(q)], cache, logits_to_keep=1).logits]
+                steps += [forward(self.lm.model, x[:, i : i + 1], cache).logits for i in range(len(q), len(x[0]) - 1)]
+                return _nll(torch.cat(steps, dim=1)[0], a)
         return _nll(logits[0, :-1], a)
 
 

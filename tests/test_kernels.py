@@ -641,6 +641,77 @@ def test_quantised_packs_answer_alike_through_the_kernel_over_codes(arch, overri
         assert len(encoded) < len(session.kv)  # the windowed layer was decoded at load
 
 
+
+# ----------------------------------------------------------------------------- sparse decode (kernels/sparse.py)
+
+from kvcompile.kernels import sparse as sparse_mod  # noqa: E402
+
+from kvcompile.ragged import RaggedKV  # noqa: E402
+from kvcompile.sparse import PageSummary, Sparse, query_channels  # noqa: E402
+
+
+def sparse_inputs(lengths, group, head_dim, page, channels, dtype, seed=0):
+    """A layer's page summaries and a decode step's query, columns and temperatures."""
+    inputs = make_inputs(lengths, group=group, head_dim=head_dim, dtype=dtype, seed=seed)
+    kv = RaggedKV.from_rows(inputs["prefix_keys"], inputs["prefix_values"], torch.arange(sum(lengths)), lengths)
+    summary = PageSummary.of(kv, Sparse(0.5, page, channels))
+    columns, inv_temp = query_channels(inputs["query"], len(lengths), channels)
+    return inputs, summary, columns, inv_temp
+
+
+@pytest.mark.parametrize("lengths,group,head_dim,page,channels,dtype", [
+    ([0, 7, 130], 4, 64, 2, 9, torch.float32),
+    ([200, 3], 1, 16, 3, 16, torch.float32),
+    ([65, 0, 9, 64], 8, 128, 1, 1, torch.bfloat16),
+    ([40, 41], 3, 32, 5, 7, torch.float16),
+])
+def test_page_logits_kernel_equals_its_reference(lengths, group, head_dim, page, channels, dtype):
+    inputs, summary, columns, inv_temp = sparse_inputs(lengths, group, head_dim, page, channels, dtype)
+    args = (inputs["query"], summary.bounds, summary.page_offsets, columns, inv_temp, max(summary.pages) + 3)
+    out = sparse_mod.page_logits(*args)
+    ref = sparse_mod.page_logits_reference(*args)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("lengths,group,head_dim,q_len,t,dtype,num_splits", [
+    ([0, 7, 130], 4, 64, 1, 1, torch.float32, 1),
+    ([0, 7, 130], 4, 64, 1, 1, torch.float32, 3),
+    ([65, 0, 9, 64], 8, 128, 1, 2, torch.bfloat16, 2),
+    ([40, 41], 2, 32, 3, 5, torch.float16, 1),
+])
+def test_gathered_attention_kernel_equals_its_reference(lengths, group, head_dim, q_len, t, dtype, num_splits):
+    inputs = make_inputs(lengths, batch=2, group=group, head_dim=head_dim, q_len=q_len, t=t, dtype=dtype, seed=4)
+    g = torch.Generator().manual_seed(1)
+    heads = len(lengths)
+    offsets = inputs["offsets"].long()
+    # Each (batch, head) lists a random subset of its own rows, in any order, padded with -1.
+    rows = torch.full((2, heads, 24), -1, dtype=torch.int32)
+    for b in range(2):
+        for h in range(heads):
+            own = torch.randperm(lengths[h], generator=g)[: int(torch.randint(0, 24, (1,), generator=g))]
+            rows[b, h, : len(own)] = (offsets[h] + own).int()
+    args = (inputs["query"], inputs["prefix_keys"], inputs["prefix_values"], rows, inputs["keys"], inputs["values"],
+            inputs["scaling"])
+    out = sparse_mod.gathered_attention(*args, num_splits=num_splits)
+    ref = sparse_mod.gathered_attention_reference(*args)
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.float(), ref.float(), **TOLERANCE[dtype])
+
+
+def test_gathered_attention_over_every_row_is_the_ragged_kernel():
+    inputs = make_inputs([0, 9, 70], group=2, head_dim=32, seed=5)
+    offsets = inputs["offsets"].long()
+    rows = torch.full((1, 3, 70), -1)
+    for h in range(3):
+        rows[0, h, : offsets[h + 1] - offsets[h]] = torch.arange(offsets[h], offsets[h + 1])
+    out = sparse_mod.gathered_attention(inputs["query"], inputs["prefix_keys"], inputs["prefix_values"], rows,
+                                        inputs["keys"], inputs["values"], inputs["scaling"])
+    torch.testing.assert_close(out, attn.ragged_attention_reference(**inputs), **TOLERANCE[torch.float32])
+
+
 if not IN_PROCESS:
     # The tests above run in the child process of test_interpreter_suite_in_subprocess; collect only that one here.
     for _name in [n for n in globals() if n.startswith("test_") and n != "test_interpreter_suite_in_subprocess"]:

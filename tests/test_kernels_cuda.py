@@ -264,3 +264,32 @@ def test_quant_attention_realistic_bf16(kernels, kbits, vbits, outliers, q_len, 
     for splits in (None, 1):
         out = qa.quant_attention(**kwargs, num_splits=splits)
         torch.testing.assert_close(out.float(), qa.quant_attention_reference(**kwargs).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("top_k", [0.1, 1.0])
+def test_sparse_decode_realistic_bf16(kernels, top_k):
+    """A decode step of sparse attention (kvcompile/sparse.py) with the kernels against the same
+    step with the PyTorch references, on an 8B-shaped layer; every row chosen equals dense attention."""
+    from kvcompile.kernels import sparse as sparse_kernels
+
+    from kvcompile import sparse
+    from kvcompile.ragged import RaggedKV
+
+    inputs = make_inputs([5000, 4100, 0, 6200, 5000, 1, 3000, 4500], 1, 4, 128, 1, 3, torch.bfloat16)
+    lengths = inputs["offsets"].diff().tolist()
+    kv = RaggedKV.from_rows(inputs["prefix_keys"], inputs["prefix_values"], torch.arange(sum(lengths), device=DEVICE),
+                            lengths)
+    summary = sparse.PageSummary.of(kv, sparse.Sparse.auto(0.25, 128, top_k=top_k))
+    columns, inv_temp = sparse.query_channels(inputs["query"], 8, summary.sparse.channels)
+    args = (inputs["query"], summary.bounds, summary.page_offsets, columns, inv_temp, max(summary.pages))
+    logits, ref = sparse_kernels.page_logits(*args), sparse.page_logits(*args)
+    finite = ref.isfinite()
+    assert torch.equal(finite, logits.isfinite())
+    torch.testing.assert_close(logits[finite], ref[finite], atol=2e-2, rtol=2e-2)
+    rows = sparse.choose_rows(ref, summary)
+    gathered = (inputs["query"], kv.keys, kv.values, rows, inputs["keys"], inputs["values"], inputs["scaling"])
+    out = sparse_kernels.gathered_attention(*gathered)
+    torch.testing.assert_close(out.float(), sparse.gathered_attention(*gathered).float(), atol=2e-2, rtol=2e-2)
+    if top_k == 1.0:
+        dense = kernels[0].ragged_attention_reference(**inputs)
+        torch.testing.assert_close(out.float(), dense.float(), atol=2e-2, rtol=2e-2)

@@ -13,7 +13,9 @@ from kvcompile.builder import BuildOptions
 from kvcompile.cli import app
 from kvcompile.errors import OptionError, PackError
 from kvcompile.pipeline import build
+from kvcompile.ragged import RaggedKV
 from kvcompile.recipe import load_recipe
+from kvcompile.repair import Ape, ape_attention
 from kvcompile.retrieval import SegmentIndex, Selector, choose, segment_terms
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -121,12 +123,57 @@ def test_eval_adds_a_select_method(independent_pack, tiny_corpus, tmp_path):
     qa.write_text("\n".join(json.dumps({"question": q, "answers": [a]}) for q, a in [
         ("Where do orders ship from?", "Rotterdam"), ("When was the company founded?", "1998")]) + "\n")
     result = CliRunner().invoke(app, ["eval", str(independent_pack.path), "--qa", str(qa), "--corpus",
-                                      str(tiny_corpus), "--select", "0.3", "--baselines", "full,rag,none",
+                                      str(tiny_corpus), "--select", "0.3", "--ape", "0.9,0.9",
+                                      "--baselines", "full,rag,none",
                                       "--max-new-tokens", "2", "--json", "--quiet"])
     assert result.exit_code == 0, result.output
     methods = {m["name"]: m for m in json.loads(result.stdout)["methods"]}
-    assert {"select", "full", "none"} <= set(methods) and methods["select"]["kind"] == "select"
+    assert {"select", "select[ape]", "full", "none"} <= set(methods) and methods["select"]["kind"] == "select"
     corpus_tokens = independent_pack.header["corpus"]["tokens"]
     framing = len(independent_pack.framing.prefix_ids)
     assert methods["select"]["kv_tokens"] <= framing + 0.3 * corpus_tokens
     assert methods["select"]["ttft_s"] > 0 and methods["select"]["questions"] == 2
+    rags = [m for name, m in methods.items() if name.startswith("rag@")]  # the pack's budget, and the selection's
+    assert len(rags) == 2 and min(m["kv_tokens"] for m in rags) <= framing + 0.3 * corpus_tokens
+
+
+def test_ape_with_unit_temperature_and_scale_is_ordinary_attention(tiny_lm, independent_pack):
+    question = "Where do orders ship from?"
+    plain, _ = Selector(independent_pack, tiny_lm, 0.5).session(question)
+    unit, _ = Selector(independent_pack, tiny_lm, 0.5, ape=Ape(1.0, 1.0)).session(question)
+    assert unit.repair is not None and len(unit.repair) == len(unit.kv)
+    torch.testing.assert_close(unit.first_token_logits(question), plain.first_token_logits(question),
+                               atol=1e-4, rtol=1e-4)
+    assert unit.answer_nll(question, "Rotterdam") == pytest.approx(plain.answer_nll(question, "Rotterdam"), abs=1e-4)
+    sharp, _ = Selector(independent_pack, tiny_lm, 0.5, ape=Ape(0.5, 0.8)).session(question)
+    assert not torch.allclose(sharp.first_token_logits(question), plain.first_token_logits(question), atol=1e-3)
+    # The framing's rows come first in every head, and are what `shared` counts.
+    framing = len(independent_pack.framing.prefix_ids)
+    assert all(int(n) <= framing for layer in sharp.repair for n in layer.shared)
+
+
+def test_ape_leaves_framing_alone_and_its_split_is_exact_at_unit_parameters():
+    g = torch.Generator().manual_seed(0)
+    lengths = (6, 9)
+    rows = RaggedKV.from_rows(torch.randn(15, 16, generator=g), torch.randn(15, 16, generator=g), torch.arange(15),
+                              lengths)
+    query, keys, values = (torch.randn(1, 4, 2, 16, generator=g), torch.randn(1, 2, 3, 16, generator=g),
+                           torch.randn(1, 2, 3, 16, generator=g))
+    every = torch.tensor(lengths)
+    plain = ape_attention(query, rows, every, keys, values, 0.25, Ape(1.0, 1.0))
+    torch.testing.assert_close(ape_attention(query, rows, every, keys, values, 0.25, Ape(0.3, 0.5)), plain)
+    # No segment row at all: only the framing and the new tokens, whatever T and S.
+    mixed = ape_attention(query, rows, torch.tensor([2, 4]), keys, values, 0.25, Ape(1.0, 1.0))
+    torch.testing.assert_close(mixed, plain)  # T = S = 1: the split is exact
+
+
+def test_cli_query_select_with_ape(independent_pack):
+    runner = CliRunner()
+    pack = str(independent_pack.path)
+    result = runner.invoke(app, ["query", pack, "Where do orders ship from?", "--select", "0.3", "--ape", "0.9,0.9",
+                                 "--json", "-n", "2"])
+    assert result.exit_code == 0, result.output
+    for args, match in [(["--ape", "0.9"], "needs --select"), (["--select", "0.3", "--ape", "hot"], "--ape takes"),
+                        (["--select", "0.3", "--ape", "0.9", "--sparse", "0.5"], "do not combine")]:
+        result = runner.invoke(app, ["query", pack, "Where?", *args])
+        assert result.exit_code != 0 and match in result.stderr, result.output

@@ -40,8 +40,7 @@ def kv_bytes_per_token(lm: LoadedModel, itemsize: int = 2) -> int:
 
 def mean_kept(pack) -> float:
     """Tokens a pack keeps per layer and KV head, on average: its token budget."""
-    kept = pack.kept
-    return sum(map(sum, kept)) / (len(kept) * len(kept[0]))
+    return pack.mean_kept()
 
 
 class Method(ABC):
@@ -83,17 +82,21 @@ class SessionMethod(Method):
         return text.strip(), timings
 
 
-def pack_method(pack, lm: LoadedModel, positions: str = "auto") -> SessionMethod:
+def pack_method(pack, lm: LoadedModel, positions: str = "auto", sparsity: dict | None = None) -> SessionMethod:
     """A pack, loaded as ``kvcompile query --positions`` loads it; its bytes are the pack's KV
-    payload. Named ``kvcompile@RATIO``, with the codec and positions other than the default
-    in brackets (``kvcompile[int4,original]@0.25``): such a variant is compared with the
-    plain pack."""
+    payload. Named ``kvcompile@RATIO``, with the codec, positions other than the default and
+    sparse decode (``sparsity``: :meth:`Session.sparsify`'s arguments) in brackets
+    (``kvcompile[int4,original]@0.25``, ``kvcompile[sparse]@0.25``): such a variant is compared
+    with the plain pack."""
     t0 = time.perf_counter()
     session = Session(pack, lm, positions)
+    if sparsity is not None:
+        session.sparsify(**sparsity)
     ratio = mean_kept(pack) / pack.layout["tokens"]
     o = pack.header["options"]
     label = f"{o['ratio']:g}" if o.get("ratio") is not None else f"{o['budget']}tok"
     tags = ([o["quant"]["name"]] if "quant" in o else []) + ([positions] if positions != "auto" else [])
+    tags += ["sparse"] if sparsity is not None else []
     variant = f"[{','.join(tags)}]" if tags else ""  # codec, positions and selection side by side
     sizes = pack.sizes()
     return SessionMethod(session, f"kvcompile{variant}@{label}", "pack", ratio,
@@ -171,15 +174,16 @@ class RagMethod(Method):
 class SelectMethod(Method):
     """A pack's segments chosen per question (:class:`~kvcompile.retrieval.Selector`): BM25 over
     the pack's segment index, the best segments within ``budget`` kept tokens per head (below
-    1: that share of the corpus). Choosing and placing them counts in the time to first token."""
+    1: that share of the corpus), with APE's boundary repair if ``ape`` is given. Choosing and
+    placing them counts in the time to first token."""
 
     kind = "select"
 
-    def __init__(self, pack, lm: LoadedModel, budget: float, name: str = "select"):
+    def __init__(self, pack, lm: LoadedModel, budget: float, name: str = "select", ape=None):
         from ..retrieval import Selector
 
         t0 = time.perf_counter()
-        self.selector = Selector(pack, lm, budget)
+        self.selector = Selector(pack, lm, budget, ape=ape)
         self.setup_seconds = time.perf_counter() - t0
         self.name, self.lm = name, lm
         self.ratio = self.selector.budget / pack.layout["tokens"]

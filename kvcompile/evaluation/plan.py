@@ -37,12 +37,15 @@ def check_corpus(pack, documents: Sequence[Document]) -> None:
 
 def plan(lm: LoadedModel, packs: Sequence, documents: Sequence[Document] | None, recipe: Recipe,
          baselines: Sequence[str], rag_chunk: int = 128,
-         positions: Sequence[str] = ("auto",), select: float | None = None) -> list[Callable[[], Method]]:
+         positions: Sequence[str] = ("auto",), select: float | None = None,
+         sparsity: dict | None = None, ape=None) -> list[Callable[[], Method]]:
     """One maker per method: the baselines (``full``, ``none``, and ``rag`` at each pack's
-    token budget), then the packs, each at every mode of ``positions``, and with ``select``
-    each pack's segments chosen per question within that budget (``select``, named
-    ``select@RATIO`` when there are several packs). Makers are called one at a time by
-    `evaluate`."""
+    token budget), then the packs, each at every mode of ``positions``, with ``sparsity``
+    each pack decoded sparsely too (:meth:`Session.sparsify`'s arguments, ``kvcompile[sparse]``),
+    and with ``select`` each pack's segments chosen per question within that budget
+    (``select``, named ``select@RATIO`` when there are several packs; with ``ape`` also
+    ``select[ape]``, the same segments with APE's boundary repair). Makers are called one at
+    a time by `evaluate`."""
     if not packs and "rag" in baselines:
         raise OptionError("the rag baseline takes its token budget from a pack: give a pack or --sweep")
     makers: list[Callable[[], Method]] = []
@@ -61,11 +64,20 @@ def plan(lm: LoadedModel, packs: Sequence, documents: Sequence[Document] | None,
             makers.append(partial(prefill_method, lm, tk.framing, tk.prefix_ids, "none", "none", 0.0))
     for pack in packs:
         makers += [partial(pack_method, pack, lm, mode) for mode in positions]
+        if sparsity is not None:
+            makers.append(partial(pack_method, pack, lm, "auto", sparsity))
+        budgets = [round(mean_kept(pack))]
         if select is not None:
             label = "select" if len(packs) == 1 else f"select@{mean_kept(pack) / pack.layout['tokens']:.2g}"
             makers.append(partial(SelectMethod, pack, lm, select, label))
+            if ape is not None:
+                makers.append(partial(SelectMethod, pack, lm, select, label.replace("select", "select[ape]"), ape))
+            # rag at the selection's budget too (framing included, as in the selection's sessions)
+            corpus = pack.header["corpus"]["tokens"]
+            budgets.append(round(len(pack.framing.prefix_ids) + (select * corpus if select < 1 else select)))
         if "rag" in baselines:
-            budget = round(mean_kept(pack))
-            ratio = budget / pack.layout["tokens"]
-            makers.append(partial(RagMethod, lm, tk.framing, tk.doc_ids, budget, rag_chunk, f"rag@{ratio:.2g}", ratio))
+            for budget in dict.fromkeys(budgets):
+                ratio = budget / pack.layout["tokens"]
+                makers.append(partial(RagMethod, lm, tk.framing, tk.doc_ids, budget, rag_chunk, f"rag@{ratio:.2g}",
+                                      ratio))
     return makers
