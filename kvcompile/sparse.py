@@ -120,7 +120,7 @@ class PageSummary:
         head ``h`` owns pages ``page_offsets[h]:page_offsets[h + 1]``.
     page_offsets: ``[kv_heads + 1]``; row_offsets: ``[kv_heads + 1]`` the rows' (the prefix's).
     log_counts: ``[kv_heads, max_pages]`` log of each page's rows (0 past the head's pages).
-    take: ``[kv_heads]`` pages each head attends per step; max_take their maximum (host).
+    take: ``[kv_heads]`` pages each head attends per step; taken the same on the host.
     """
 
     bounds: torch.Tensor
@@ -130,7 +130,7 @@ class PageSummary:
     take: torch.Tensor
     lengths: tuple[int, ...]
     pages: tuple[int, ...]
-    max_take: int
+    taken: tuple[int, ...]
     sparse: Sparse
 
     @classmethod
@@ -148,17 +148,21 @@ class PageSummary:
         counts = (n[:, None] - j[None, :] * p).clamp(0, p)
         take = tuple(min(n_pages, -(-sparse.rows(n_rows) // p)) for n_pages, n_rows in zip(pages, kv.lengths))
         return cls(torch.cat([lo, hi], 1).to(kv.dtype), page_offsets, kv.offsets,
-                   counts.clamp(min=1).float().log(), torch.tensor(take, device=device), kv.lengths, pages,
-                   max(take, default=0), sparse)
+                   counts.clamp(min=1).float().log(), torch.tensor(take, device=device), kv.lengths, pages, take,
+                   sparse)
 
     @property
     def heads(self) -> int:
         return len(self.lengths)
 
+    @property
+    def max_take(self) -> int:
+        return max(self.taken, default=0)
+
     def rows_read(self) -> int:
         """Prefix rows one decode step attends over, all heads."""
         p = self.sparse.page
-        return sum(min(n, t * p) for n, t in zip(self.lengths, self.take.tolist()))
+        return sum(min(n, t * p) for n, t in zip(self.lengths, self.taken))
 
     def bytes_per_step(self, itemsize: int) -> tuple[int, int]:
         """Bytes one decode step reads of this layer's prefix: ``(sparse, dense)``.
@@ -168,7 +172,7 @@ class PageSummary:
         """
         d = self.bounds.shape[1] // 2
         summaries = sum(self.pages) * self.sparse.channels * itemsize
-        chosen = sum(t * self.sparse.page for t in self.take.tolist())
+        chosen = sum(t * self.sparse.page for t in self.taken)
         return summaries + min(chosen, sum(self.lengths)) * 2 * d * itemsize, sum(self.lengths) * 2 * d * itemsize
 
 
