@@ -35,12 +35,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-from kvcompile.builder import BuildOptions, tokenize  # noqa: E402
-from kvcompile.corpus import read_corpus  # noqa: E402
-from kvcompile.data.synthetic import write_corpus  # noqa: E402
+from peers import corpus_of  # noqa: E402
+
+from kvcompile.builder import BuildOptions  # noqa: E402
 from kvcompile.evaluation import answercache, stats  # noqa: E402
-from kvcompile.evaluation.datasets import load_dataset  # noqa: E402
 from kvcompile.evaluation.methods import prefill_method  # noqa: E402
 from kvcompile.evaluation.run import MethodResult, fill_gain_kept, linearised  # noqa: E402
 from kvcompile.models import load_model  # noqa: E402
@@ -64,12 +64,7 @@ def first_token_seconds(lm, ids: list[int]) -> float:
 
 
 def run_corpus(spec: str, lm, recipe, ratio: float, budget: float, apes: list[str], n: int, tmp: Path) -> dict:
-    evalset = load_dataset(spec, questions=n)
-    folder = tmp / spec.replace(":", "_")
-    write_corpus(evalset, folder)
-    documents, _ = read_corpus([folder])
-    qas = evalset.questions[:n]
-    tk = tokenize(documents, recipe, lm)
+    evalset, folder, qas, tk = corpus_of(spec, n, tmp, lm, recipe)
     path = tmp / f"{folder.name}.kvpack"
     t0 = time.perf_counter()
     build([folder], path, lm, recipe, BuildOptions(ratio=ratio, context="independent"))

@@ -259,16 +259,21 @@ def parse_variant(text: str) -> tuple[str, dict]:
 # -- one corpus ----------------------------------------------------------------------------
 
 
-def run_corpus(spec: str, lm, recipe, ratios, n_questions, max_new_tokens, tmp: Path, log,
-               press_names=PRESSES, rag: bool = True, variants: dict | None = None,
-               nll_cache: Path | None = None) -> dict:
-    variants = variants or {}
+def corpus_of(spec: str, n_questions: int, tmp: Path, lm, recipe):
+    """A built-in dataset written as a corpus folder under ``tmp``: ``(evalset, folder, questions,
+    tokenized corpus)``; the benchmarks' common start."""
     evalset = load_dataset(spec, questions=n_questions)
     folder = tmp / spec.replace(":", "_").replace("/", "_")
     write_corpus(evalset, folder)
     documents, _ = read_corpus([folder])
-    qas = evalset.questions[:n_questions]
-    tk = tokenize(documents, recipe, lm)
+    return evalset, folder, evalset.questions[:n_questions], tokenize(documents, recipe, lm)
+
+
+def run_corpus(spec: str, lm, recipe, ratios, n_questions, max_new_tokens, tmp: Path, log,
+               press_names=PRESSES, rag: bool = True, variants: dict | None = None,
+               nll_cache: Path | None = None) -> dict:
+    variants = variants or {}
+    evalset, folder, qas, tk = corpus_of(spec, n_questions, tmp, lm, recipe)
     if tk.total >= lm.max_positions:
         raise CorpusError(f"{spec}: {tk.total} tokens do not fit {lm.name}'s window of {lm.max_positions}")
     context = tk.stream()
@@ -319,7 +324,7 @@ def run_corpus(spec: str, lm, recipe, ratios, n_questions, max_new_tokens, tmp: 
     if tally:
         log(f"  full/none/rag answers from the cache ({nll_cache}): {tally.get('hits', 0)} of "
             f"{tally.get('hits', 0) + tally.get('misses', 0)}")
-    return {"spec": spec, "name": evalset.name, "documents": len(documents), "tokens": tk.total,
+    return {"spec": spec, "name": evalset.name, "documents": len(tk.doc_ids), "tokens": tk.total,
             "task_prompt_tokens": len(tk.probe_ids), "questions": len(qas), "build_s": build_s,
             "capture_prefill_s": capture_s, "results": results}
 

@@ -39,14 +39,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from peers import DEFAULT_CORPORA, capture, compress, import_kvpress, presses  # noqa: E402
+from peers import DEFAULT_CORPORA, capture, compress, corpus_of, import_kvpress, presses  # noqa: E402
 
-from kvcompile.builder import BuildOptions, tokenize  # noqa: E402
+from kvcompile.builder import BuildOptions  # noqa: E402
 from kvcompile.cache import forward  # noqa: E402
-from kvcompile.corpus import read_corpus  # noqa: E402
-from kvcompile.data.synthetic import write_corpus  # noqa: E402
 from kvcompile.evaluation import answercache, stats  # noqa: E402
-from kvcompile.evaluation.datasets import load_dataset  # noqa: E402
 from kvcompile.evaluation.methods import SessionMethod, pack_method, prefill_method  # noqa: E402
 from kvcompile.evaluation.run import MethodResult, fill_gain_kept, linearised  # noqa: E402
 from kvcompile.kvmix import layer_bits  # noqa: E402
@@ -117,12 +114,7 @@ def quantized_cache_kv(lm, context: list[int], backend: str, nbits: int) -> tupl
 
 def run_corpus(spec: str, lm, recipe, ratios, quants, stacked, press_names, n_questions, tmp: Path, log,
                nll_cache: Path | None, check_build: bool, caches=()) -> dict:
-    evalset = load_dataset(spec, questions=n_questions)
-    folder = tmp / spec.replace(":", "_")
-    write_corpus(evalset, folder)
-    documents, _ = read_corpus([folder])
-    qas = evalset.questions[:n_questions]
-    tk = tokenize(documents, recipe, lm)
+    evalset, folder, qas, tk = corpus_of(spec, n_questions, tmp, lm, recipe)
     context = tk.stream()
     cached = partial(answercache.cached, folder=nll_cache, lm=lm, framing=tk.framing, tally={})
     makers = [

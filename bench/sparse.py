@@ -32,14 +32,14 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from peers import corpus_of  # noqa: E402
 
 from kvcompile.attention import pack_attention  # noqa: E402
-from kvcompile.builder import BuildOptions, tokenize  # noqa: E402
+from kvcompile.builder import BuildOptions  # noqa: E402
 from kvcompile.cache import forward  # noqa: E402
-from kvcompile.corpus import read_corpus  # noqa: E402
-from kvcompile.data.synthetic import write_corpus  # noqa: E402
 from kvcompile.evaluation import answercache, stats  # noqa: E402
-from kvcompile.evaluation.datasets import load_dataset  # noqa: E402
 from kvcompile.evaluation.methods import pack_method, prefill_method  # noqa: E402
 from kvcompile.evaluation.run import MethodResult, fill_gain_kept, linearised  # noqa: E402
 from kvcompile.models import load_model  # noqa: E402
@@ -63,12 +63,7 @@ def nlls(make, qas) -> MethodResult:
 
 
 def run_corpus(spec: str, lm, recipe, ratio: float, settings: list[str], n_questions: int, tmp: Path) -> dict:
-    evalset = load_dataset(spec, questions=n_questions)
-    folder = tmp / spec.replace(":", "_")
-    write_corpus(evalset, folder)
-    documents, _ = read_corpus([folder])
-    qas = evalset.questions[:n_questions]
-    tk = tokenize(documents, recipe, lm)
+    evalset, folder, qas, tk = corpus_of(spec, n_questions, tmp, lm, recipe)
     context = tk.stream()
     cached = partial(answercache.cached, folder=answercache.default_folder(), lm=lm, framing=tk.framing, tally={})
     path = tmp / f"{folder.name}-{ratio:g}.kvpack"
