@@ -35,7 +35,9 @@ from .attention import (
     _softmax_step,
 )
 
-BLOCK_P = 64
+# The scores are a broadcast product [G, r, pages] summed over r (G is too small for tl.dot): pages
+# per program are sized so that product stays at 8k elements (64 fp32 registers per thread, 4 warps).
+PRODUCT = 8192
 
 
 def _pow2(n: int, least: int = 2) -> int:
@@ -84,11 +86,13 @@ def page_logits(query: torch.Tensor, bounds: torch.Tensor, page_offsets: torch.T
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty(b, hq, max_pages, dtype=torch.float32, device=query.device)
+    g_pad, r_pad = _pow2(hq // h), _pow2(r)
+    block_p = max(2, min(64, PRODUCT // (g_pad * r_pad)))
     if out.numel():
-        _page_logits_kernel[(_cdiv(max_pages, BLOCK_P), b * h)](
+        _page_logits_kernel[(_cdiv(max_pages, block_p), b * h)](
             q, bounds, page_offsets, columns.contiguous(), inv_temp.float().contiguous(), out,
             q.stride(0), q.stride(1), bounds.stride(0), h, r, max_pages,
-            GROUP=hq // h, HEAD_DIM=d, G_PAD=_pow2(hq // h), R_PAD=_pow2(r), BLOCK_P=BLOCK_P,
+            GROUP=hq // h, HEAD_DIM=d, G_PAD=g_pad, R_PAD=r_pad, BLOCK_P=block_p,
         )
     return out
 
