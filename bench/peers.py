@@ -54,7 +54,7 @@ from kvcompile.data.synthetic import write_corpus  # noqa: E402
 from kvcompile.errors import CorpusError  # noqa: E402
 from kvcompile.evaluation import answercache, report, stats  # noqa: E402
 from kvcompile.evaluation.datasets import load_dataset  # noqa: E402
-from kvcompile.evaluation.methods import RagMethod, SessionMethod, mean_kept, pack_method, prefill_method  # noqa: E402
+from kvcompile.evaluation.methods import RagMethod, SessionMethod, pack_method, prefill_method  # noqa: E402
 from kvcompile.evaluation.run import MethodResult, evaluate, fill_gain_kept, linearised  # noqa: E402
 from kvcompile.models import load_model  # noqa: E402
 from kvcompile.pack import load  # noqa: E402
@@ -298,7 +298,7 @@ def run_corpus(spec: str, lm, recipe, ratios, n_questions, max_new_tokens, tmp: 
             log(f"  built {label}@{r:g} in {build_s[f'{label}@{r:g}']:.0f} s")
             makers.append(partial(_renamed, partial(pack_method, pack, lm), f"{label}@{r:g}"))
             if variant is None and rag:  # the pack's budget; named by the nominal ratio, as the presses are
-                budget = round(mean_kept(pack))
+                budget = round(pack.mean_kept())
                 ratio = budget / pack.layout["tokens"]
                 makers.append(cached(partial(RagMethod, lm, tk.framing, tk.doc_ids, budget, 128, f"rag@{r:g}",
                                              ratio), kind="rag", context_ids=context,

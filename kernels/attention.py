@@ -397,7 +397,7 @@ def choose_num_splits(programs: int, max_keys: int, sm_count: int) -> int:
 
 
 def _check_inputs(query, offsets, keys, values) -> None:
-    """The query and the dense new tokens (and ``offsets``), whatever form the prefix has."""
+    """The query and the dense new tokens (and ``offsets``, where given), whatever form the prefix has."""
     if query.dim() != 4 or keys.dim() != 4 or values.dim() != 4:
         raise ValueError("query, keys and values must be 4-D: [batch, heads, tokens, head_dim]")
     batch, q_heads, _, head_dim = query.shape
@@ -407,14 +407,14 @@ def _check_inputs(query, offsets, keys, values) -> None:
         raise ValueError(f"{shapes} do not match query {tuple(query.shape)}")
     if kv_heads == 0 or q_heads % kv_heads:
         raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
-    if offsets.shape != (kv_heads + 1,) or offsets.dtype not in (torch.int32, torch.int64):
+    if offsets is not None and (offsets.shape != (kv_heads + 1,) or offsets.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"offsets must be int32/int64 [{kv_heads + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
     if head_dim < 16 or head_dim > MAX_HEAD_DIM or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two in [16, {MAX_HEAD_DIM}], got {head_dim}")
     dtypes = {t.dtype for t in (query, keys, values)}
     if len(dtypes) != 1 or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"all inputs must share one of float16/bfloat16/float32, got {sorted(map(str, dtypes))}")
-    devices = {t.device for t in (query, offsets, keys, values)}
+    devices = {t.device for t in (query, offsets, keys, values) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
 

@@ -157,11 +157,11 @@ def gathered_attention(query: torch.Tensor, prefix_keys: torch.Tensor, prefix_va
                        num_splits: int | None = None) -> torch.Tensor:
     """:func:`kvcompile.sparse.gathered_attention` (same arguments and output), in one launch
     (plus the combine when split). ``rows [B, H, K]`` int32/int64, ``-1`` for none."""
-    _check_inputs(query, rows.new_zeros(keys.shape[1] + 1), keys, values)
+    _check_inputs(query, None, keys, values)
     _check_prefix(query, prefix_keys, prefix_values)
-    if rows.dim() != 3 or rows.shape[:2] != keys.shape[:2]:
-        raise ValueError(f"rows must be [batch, kv_heads, K] = [{keys.shape[0]}, {keys.shape[1]}, K], "
-                         f"got {tuple(rows.shape)}")
+    if rows.dim() != 3 or rows.shape[:2] != keys.shape[:2] or rows.device != query.device:
+        raise ValueError(f"rows must be [batch, kv_heads, K] = [{keys.shape[0]}, {keys.shape[1]}, K] on the "
+                         f"query's device, got {tuple(rows.shape)} on {rows.device}")
     query, prefix_keys, prefix_values, keys, values = (
         x if x.stride(-1) == 1 else x.contiguous() for x in (query, prefix_keys, prefix_values, keys, values)
     )

@@ -232,9 +232,9 @@ def choose_rows(logits: torch.Tensor, summary: PageSummary) -> torch.Tensor:
     h, p = summary.heads, summary.sparse.page
     if summary.max_take == 0:
         return logits.new_empty(b, h, 0, dtype=torch.long)
-    counts = summary.log_counts.repeat_interleave(hq // h, 0)  # [Hq, max_pages]
-    log_z = torch.logsumexp(logits + counts, dim=-1, keepdim=True)
-    probs = torch.exp(logits - log_z).reshape(b, h, hq // h, max_pages).mean(2)  # [B, H, max_pages]
+    logits = logits.reshape(b, h, hq // h, max_pages)
+    log_z = torch.logsumexp(logits + summary.log_counts[:, None, :], dim=-1, keepdim=True)
+    probs = torch.exp(logits - log_z).mean(2)  # [B, H, max_pages]
     top = probs.topk(summary.max_take, dim=-1).indices  # [B, H, max_take]
     taken = torch.arange(summary.max_take, device=logits.device)[None, None, :] < summary.take[None, :, None]
     pages = torch.sort(torch.where(taken, top, max_pages)).values  # untaken ranks sort last

@@ -38,11 +38,6 @@ def kv_bytes_per_token(lm: LoadedModel, itemsize: int = 2) -> int:
     return 2 * cap.num_layers * cap.num_kv_heads * cap.head_dim * itemsize
 
 
-def mean_kept(pack) -> float:
-    """Tokens a pack keeps per layer and KV head, on average: its token budget."""
-    return pack.mean_kept()
-
-
 class Method(ABC):
     """A context for the questions. ``kv_tokens``: tokens a question attends to per layer and
     KV head; ``kv_bytes``: their bytes (means over the questions asked, where they vary)."""
@@ -92,7 +87,7 @@ def pack_method(pack, lm: LoadedModel, positions: str = "auto", sparsity: dict |
     session = Session(pack, lm, positions)
     if sparsity is not None:
         session.sparsify(**sparsity)
-    ratio = mean_kept(pack) / pack.layout["tokens"]
+    ratio = pack.kept_ratio()
     o = pack.header["options"]
     label = f"{o['ratio']:g}" if o.get("ratio") is not None else f"{o['budget']}tok"
     tags = ([o["quant"]["name"]] if "quant" in o else []) + ([positions] if positions != "auto" else [])

@@ -10,7 +10,7 @@ from ..corpus import Document
 from ..errors import CorpusError, OptionError
 from ..models import LoadedModel
 from ..recipe import Recipe
-from .methods import Method, RagMethod, SelectMethod, mean_kept, pack_method, prefill_method
+from .methods import Method, RagMethod, SelectMethod, pack_method, prefill_method
 
 BASELINES = ("full", "rag", "none")
 
@@ -66,9 +66,9 @@ def plan(lm: LoadedModel, packs: Sequence, documents: Sequence[Document] | None,
         makers += [partial(pack_method, pack, lm, mode) for mode in positions]
         if sparsity is not None:
             makers.append(partial(pack_method, pack, lm, "auto", sparsity))
-        budgets = [round(mean_kept(pack))]
+        budgets = [round(pack.mean_kept())]
         if select is not None:
-            label = "select" if len(packs) == 1 else f"select@{mean_kept(pack) / pack.layout['tokens']:.2g}"
+            label = "select" if len(packs) == 1 else f"select@{pack.kept_ratio():.2g}"
             makers.append(partial(SelectMethod, pack, lm, select, label))
             if ape is not None:
                 makers.append(partial(SelectMethod, pack, lm, select, label.replace("select", "select[ape]"), ape))
