@@ -112,18 +112,12 @@ bench-sparse: install-bench
 # Boundary repair (issue 15): --select against a sequential prefill of the same text, with APE and from a chained
 # pack, Qwen2.5-Coder-0.5B on CPU (about an hour on 2 cores).
 bench-boundary: install-bench
-	$(PY) bench/boundary.py --out docs/benchmarks/boundary $(BOUNDARY_ARGS)
+	$(PY) bench/selection.py --boundary --out docs/benchmarks/boundary $(BOUNDARY_ARGS)
 
-SELECT_CORPORA ?= squad:2 squad:8 squad:14
+# Segments chosen per question against BM25-RAG at the same budget (issue 15): gain kept, paired difference
+# and TTFT, SQuAD 2, 8 and 14 x 30 questions, Qwen2.5-Coder-0.5B on CPU (about an hour on 2 cores).
 bench-select: install-bench
-	for c in $(SELECT_CORPORA); do \
-	  d=docs/benchmarks/select/$$(echo $$c | tr : _); \
-	  $(KVC) eval-corpus $$c -o /tmp/select-$$(echo $$c | tr : _) -n 30 && \
-	  $(KVC) build /tmp/select-$$(echo $$c | tr : _) --model qwen2.5-coder-0.5b --context independent --ratio 1.0 \
-	    -o /tmp/select-$$(echo $$c | tr : _).kvpack --quiet && \
-	  $(KVC) eval /tmp/select-$$(echo $$c | tr : _).kvpack --qa /tmp/select-$$(echo $$c | tr : _)/questions.jsonl \
-	    --corpus /tmp/select-$$(echo $$c | tr : _) --select 0.25 --out $$d --quiet || exit 1; \
-	done
+	$(PY) bench/selection.py --out docs/benchmarks/select $(SELECT_ARGS)
 
 # CPU proxies of the runtime: aten ops per decode step (pack vs dense cache) and per build (vs a bare
 # prefill), CPU decode and build times against a baseline revision (--baseline REV; 5-10 minutes on 2 cores).

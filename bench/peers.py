@@ -59,8 +59,9 @@ from kvcompile.evaluation.run import MethodResult, evaluate, fill_gain_kept, lin
 from kvcompile.models import load_model  # noqa: E402
 from kvcompile.pack import load  # noqa: E402
 from kvcompile.pipeline import build  # noqa: E402
-from kvcompile.ragged import RaggedKV  # noqa: E402
+from kvcompile.ragged import RaggedKV, within_heads  # noqa: E402
 from kvcompile.recipe import load_recipe  # noqa: E402
+from kvcompile.rope import place, rotaries, unrotate  # noqa: E402
 from kvcompile.session import Session  # noqa: E402
 
 PRESSES = ("snapkv", "finch", "expected_attention", "knorm", "lagkv", "streaming_llm")
@@ -152,6 +153,23 @@ def compress(press, lm, captured, context_len: int, ratio: float) -> list[Ragged
         rows = idx[:, :, None].expand(-1, -1, keys.shape[-1])
         kv.append(RaggedKV.from_dense(keys[0].gather(1, rows), values[0].gather(1, rows), idx))
     return kv
+
+
+PLACEMENTS = ("original", "compact")
+
+
+@torch.no_grad()
+def compacted(lm, kv: list[RaggedKV]) -> tuple[list[RaggedKV], int]:
+    """A press's kept KV (post-RoPE, at corpus positions) re-rotated as a pack is loaded
+    with ``--positions compact``: each head's rows at ``0, 1, ...`` in corpus order, and
+    questions after the longest head (kvpress's ``KeyRerotationPress`` does the same per
+    layer). Returns the layers and where questions start."""
+    out = []
+    for layer, rotary in zip(kv, rotaries(lm.model)):
+        stored = layer.replace(keys=unrotate(layer, [rotary]),
+                               positions=within_heads(layer.lengths, layer.keys.device))
+        out.append(place(stored, [rotary], lm.device, lm.dtype))
+    return out, max(max(layer.lengths) for layer in kv)
 
 
 @torch.no_grad()
@@ -271,7 +289,7 @@ def corpus_of(spec: str, n_questions: int, tmp: Path, lm, recipe):
 
 def run_corpus(spec: str, lm, recipe, ratios, n_questions, max_new_tokens, tmp: Path, log,
                press_names=PRESSES, rag: bool = True, variants: dict | None = None,
-               nll_cache: Path | None = None) -> dict:
+               nll_cache: Path | None = None, placements=("original",)) -> dict:
     variants = variants or {}
     evalset, folder, qas, tk = corpus_of(spec, n_questions, tmp, lm, recipe)
     if tk.total >= lm.max_positions:
@@ -311,13 +329,17 @@ def run_corpus(spec: str, lm, recipe, ratios, n_questions, max_new_tokens, tmp: 
         capture_s = time.perf_counter() - t0
         log(f"  captured the prefill of {len(context) + len(tk.probe_ids)} tokens in {capture_s:.0f} s")
 
-        def peer(name, r):
+        def peer(name, r, placement):
             press = presses(r, len(tk.probe_ids), [name])[name]
             t = time.perf_counter()
-            session = Session.over(lm, tk.framing, compress(press, lm, captured, len(context), r), len(context))
-            return SessionMethod(session, f"{name}@{r:g}", "peer", r, setup_seconds=time.perf_counter() - t)
+            kv, start = compress(press, lm, captured, len(context), r), len(context)
+            if placement == "compact":
+                kv, start = compacted(lm, kv)
+            session = Session.over(lm, tk.framing, kv, start)
+            label = name if placement == "original" else f"{name}[{placement}]"
+            return SessionMethod(session, f"{label}@{r:g}", "peer", r, setup_seconds=time.perf_counter() - t)
 
-        makers += [partial(peer, name, r) for r in ratios for name in press_names]
+        makers += [partial(peer, name, r, p) for r in ratios for p in placements for name in press_names]
     t0 = time.perf_counter()
     results = evaluate(makers, qas, lm.device, max_new_tokens, lambda name: None)
     log(f"  {len(makers)} methods x {len(qas)} questions in {time.perf_counter() - t0:.0f} s")
@@ -429,8 +451,10 @@ def markdown(runs: list[dict], meta: dict, agg: dict) -> str:
         f"Model **{meta['model']}**, {meta['device']}, torch {meta['torch']}, transformers "
         f"{meta.get('transformers', '?')} ({meta['threads']} thread per corpus), "
         f"{'kvpress ' + meta['kvpress'] if meta.get('kvpress') else 'no presses'}. "
-        f"{meta['date']}. {len(runs)} {'corpus' if len(runs) == 1 else 'corpora'}, {n_q} questions. Greedy answers "
-        f"of at most {meta['max_new_tokens']} tokens. Made by `make bench-peers` (`bench/peers.py`); raw numbers in "
+        f"{meta['date']}. {len(runs)} {'corpus' if len(runs) == 1 else 'corpora'}, {n_q} questions. "
+        + (f"Greedy answers of at most {meta['max_new_tokens']} tokens. " if meta["max_new_tokens"]
+           else "Gold-answer NLL only (no answers generated: answer metrics and TTFT are not measured). ")
+        + "Made by `make bench-peers` (`bench/peers.py`); raw numbers in "
         "`peers.json`.",
         "",
         "*Gain kept* = share of the full context's gold-answer NLL gain over no documents "
@@ -440,6 +464,9 @@ def markdown(runs: list[dict], meta: dict, agg: dict) -> str:
         "*KV* = mean tokens a question attends to per layer and KV head. Presses: kvpress, query-agnostic, "
         "the recipe's task prompt as their window (SnapKV, Finch); each keeps exactly kvcompile's budget, the same "
         "number of corpus tokens in every KV head (kvcompile's budget is per layer, split unevenly over heads). "
+        "`PRESS` keeps its keys at their corpus positions with questions after the whole corpus (kvpress's default); "
+        "`PRESS[compact]` re-rotates them to each head's ranks with questions after the longest head, as packs load "
+        "by default (`--positions compact`). "
         "kvpress's own per-head budgets (AdaKV and the like) are simulated with masks, so they save no memory; "
         "none is used here.",
     ]
@@ -486,9 +513,9 @@ def markdown(runs: list[dict], meta: dict, agg: dict) -> str:
             if key is not None and family(r) != "kvcompile" and ("kvcompile", key) in z and (family(r), key) in z:
                 vs = stats.Estimate(*stats.mean_se([p - q for p, q in zip(z[("kvcompile", key)], z[(family(r), key)])]),
                                     len(r.rows)).format(signed=True)
-            lines.append(f"| {r.name} | {s['ratio']:.0%} | {s['kv_tokens']:.0f} | {s['contains']:.2f} | "
-                         f"{s['exact_match']:.2f} | {s['f1']:.2f} | {s['nll']:.3f} | {gain.format()} | {vs} | "
-                         f"{s['ttft_s']:.2f} | {s['tokens_per_s']:.1f} |")
+            lines.append(f"| {r.name} | {s['ratio']:.0%} | {s['kv_tokens']:.0f} | {_cell(s['contains'], '.2f')} | "
+                         f"{_cell(s['exact_match'], '.2f')} | {_cell(s['f1'], '.2f')} | {s['nll']:.3f} | "
+                         f"{gain.format()} | {vs} | {_cell(s['ttft_s'], '.2f')} | {_cell(s['tokens_per_s'], '.1f')} |")
         lines.append("")
         capture = run.get("capture_prefill_s")
         lines.append("Build time per pack: " + ", ".join(f"{n}: {t:.0f} s" for n, t in run["build_s"].items())
@@ -499,6 +526,11 @@ def markdown(runs: list[dict], meta: dict, agg: dict) -> str:
 
 def _nan(x):
     return float("nan") if x is None else x
+
+
+def _cell(x, spec: str) -> str:
+    """A table cell: ``x`` formatted, or a dash when it was not measured."""
+    return "–" if x is None or x != x else format(x, spec)
 
 
 def plot(runs: list[dict], agg: dict, path: Path) -> None:
@@ -636,6 +668,7 @@ def run_parallel(args, corpora: list[str], log) -> int:
 def child_args(args) -> list[str]:
     a = ["--model", args.model, "--ratios", args.ratios, "--questions", str(args.questions),
          "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads), "--presses", args.presses]
+    a += ["--press-positions", args.press_positions]
     a += ["--no-rag"] if args.no_rag else []
     a += ["--no-nll-cache"] if args.no_nll_cache else ["--nll-cache", str(args.nll_cache)]
     for v in args.variant:
@@ -658,12 +691,17 @@ def main(argv=None) -> int:
     ap.add_argument("--corpora", default=DEFAULT_CORPORA, help="comma-separated dataset specs (datasets.py)")
     ap.add_argument("--ratios", default="0.5,0.25,0.1", help="kept ratios, comma-separated")
     ap.add_argument("--questions", type=int, default=30, help="questions per corpus (the first N)")
-    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=8,
+                    help="greedy answer length; 0 measures only the gold answer's NLL (no answer, no TTFT)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (per corpus process with --jobs)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="corpora run at once, each in its own process with --threads threads, then merged")
     ap.add_argument("--presses", default=",".join(PRESSES),
                     help="comma-separated kvpress presses ('' or none: no presses, no kvpress needed)")
+    ap.add_argument("--press-positions", default="original,compact",
+                    help="where the presses' kept keys stand: original (kvpress's default, questions after the "
+                         "whole corpus), compact (re-rotated to each head's ranks, as packs load; reported as "
+                         "PRESS[compact]), or both, comma-separated")
     ap.add_argument("--no-rag", action="store_true", help="skip the BM25-RAG baseline")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                     help="also build kvcompile with these BuildOptions overrides (scorer, head_floor, context, "
@@ -697,6 +735,11 @@ def main(argv=None) -> int:
         ap.error(f"--ratios must be in (0, 1], got {args.ratios!r}")
     if args.questions < 1:
         ap.error("--questions must be at least 1")
+    if args.max_new_tokens < 0:
+        ap.error("--max-new-tokens must be 0 or more")
+    placements = [p.strip() for p in args.press_positions.split(",") if p.strip()]
+    if not placements or any(p not in PLACEMENTS for p in placements):
+        ap.error(f"--press-positions must be {' and/or '.join(PLACEMENTS)}, got {args.press_positions!r}")
     if args.nll_cache is None and not args.no_nll_cache:
         args.nll_cache = answercache.default_folder()
     corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
@@ -725,7 +768,8 @@ def main(argv=None) -> int:
     meta = {"model": lm.name, "device": "CPU", "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": args.threads, "kvpress": getattr(kvpress, "__version__", "0.5.5") if kvpress else None,
             "date": time.strftime("%Y-%m-%d"), "max_new_tokens": args.max_new_tokens, "hook_check": checks,
-            "presses": press_names, "rag": not args.no_rag, "variants": variants, "questions": args.questions,
+            "presses": press_names, "press_positions": placements, "rag": not args.no_rag, "variants": variants,
+            "questions": args.questions,
             "unpinned": {n: {"installed": have, "pinned": pin} for n, (have, pin) in off.items()}}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -733,7 +777,7 @@ def main(argv=None) -> int:
             log(f"{spec}:")
             runs.append(run_corpus(spec, lm, recipe, ratios, args.questions, args.max_new_tokens, Path(tmp), log,
                                    press_names, not args.no_rag, variants,
-                                   None if args.no_nll_cache else args.nll_cache))
+                                   None if args.no_nll_cache else args.nll_cache, placements))
             write(runs, meta, args.out)  # after every corpus: a long run leaves its finished part behind
     log(f"wrote {args.out}/peers.{{md,json,png}}")
     return 0

@@ -293,3 +293,36 @@ def test_unpinned_reads_the_constraints_file(peers, tmp_path):
     pins.write_text(f"# comment\ntorch=={have}\ntransformers==0.0.1  # old\n", encoding="utf-8")
     assert peers.unpinned(pins) == {"transformers": (md.version("transformers"), "0.0.1")}
     assert "torch" not in peers.unpinned(pins, names=("torch",))
+
+
+def test_press_kv_compacted_as_packs_load(peers, tiny_lm):
+    import torch
+
+    from kvcompile.ragged import RaggedKV
+    from kvcompile.rope import rotaries
+
+    rotary = rotaries(tiny_lm.model)[0]
+    heads, n, dim = tiny_lm.capability.num_kv_heads, 5, tiny_lm.capability.head_dim
+    g = torch.Generator().manual_seed(0)
+    stored = torch.randn(heads, n, dim, generator=g)
+    at = torch.stack([torch.randperm(40, generator=g)[:n].sort().values + 3 for _ in range(heads)])  # [heads, n]
+    post = rotary.apply(stored.flatten(0, 1), at.flatten()).view(heads, n, dim)
+    press_kv = RaggedKV.from_dense(post, torch.randn(heads, n, dim, generator=g), at)
+    [kv], start = peers.compacted(tiny_lm, [press_kv])
+    ranks = torch.arange(n).repeat(heads)
+    assert start == n and torch.equal(kv.positions.cpu(), ranks)
+    torch.testing.assert_close(kv.keys.cpu(), rotary.apply(stored.flatten(0, 1), ranks), atol=1e-5, rtol=1e-5)
+    assert torch.equal(kv.values.cpu(), press_kv.values)
+
+
+def test_nll_only_evaluation_generates_nothing():
+    from kvcompile.evaluation.run import run_method
+
+    Counting.calls = 0
+    qas = [QA("a", "who?", ("x",)), QA("b", "where?", ("y",))]
+    result = run_method(Counting, qas, "cpu", max_new_tokens=0)
+    assert Counting.calls == 1 + 2  # made once, two NLLs, no answers
+    assert [r["nll"] for r in result.rows] == [4.0, 6.0]
+    assert all(r["prediction"] is None and r["f1"] is None and r["ttft"] is None for r in result.rows)
+    s = result.summary()
+    assert s["nll"] == 5.0 and math.isnan(s["contains"]) and math.isnan(s["ttft_s"])

@@ -40,9 +40,10 @@ def plan(lm: LoadedModel, packs: Sequence, documents: Sequence[Document] | None,
          positions: Sequence[str] = ("auto",), select: float | None = None,
          sparsity: dict | None = None, ape=None) -> list[Callable[[], Method]]:
     """One maker per method: the baselines (``full``, ``none``, and ``rag`` at each pack's
-    token budget), then the packs, each at every mode of ``positions``, with ``sparsity``
-    each pack decoded sparsely too (:meth:`Session.sparsify`'s arguments, ``kvcompile[sparse]``),
-    and with ``select`` each pack's segments chosen per question within that budget
+    token budget, unless that budget holds the whole corpus), then the packs, each at every
+    mode of ``positions``, with ``sparsity`` each pack decoded sparsely too
+    (:meth:`Session.sparsify`'s arguments, ``kvcompile[sparse]``), and with ``select``
+    each pack's segments chosen per question within that budget
     (``select``, named ``select@RATIO`` when there are several packs; with ``ape`` also
     ``select[ape]``, the same segments with APE's boundary repair). Makers are called one at
     a time by `evaluate`."""
@@ -76,7 +77,8 @@ def plan(lm: LoadedModel, packs: Sequence, documents: Sequence[Document] | None,
             corpus = pack.header["corpus"]["tokens"]
             budgets.append(round(len(pack.framing.prefix_ids) + (select * corpus if select < 1 else select)))
         if "rag" in baselines:
-            for budget in dict.fromkeys(budgets):
+            # A budget that holds the whole corpus retrieves every chunk: that is the full context.
+            for budget in dict.fromkeys(b for b in budgets if b < tk.total):
                 ratio = budget / pack.layout["tokens"]
                 makers.append(partial(RagMethod, lm, tk.framing, tk.doc_ids, budget, rag_chunk, f"rag@{ratio:.2g}",
                                       ratio))

@@ -31,8 +31,9 @@ class MethodResult:
 
     def summary(self) -> dict:
         """Means of the scores, medians of the timings, and the sizes."""
-        def mean(key):
-            return statistics.fmean(r[key] for r in self.rows) if self.rows else float("nan")
+        def mean(key):  # None: not measured (no answer generated)
+            xs = [r[key] for r in self.rows if r.get(key) is not None]
+            return statistics.fmean(xs) if xs else float("nan")
 
         def median(key):
             xs = [r[key] for r in self.rows if r.get(key) is not None]
@@ -52,19 +53,23 @@ def run_method(make: Callable[[], Method], questions: Sequence[QA], device: torc
                max_new_tokens: int = 32, step: Callable[[str], None] | None = None) -> MethodResult:
     """Build one method (``make``), ask it every question, and free it.
 
-    Peak memory covers building the method (its cache) and answering.
+    Peak memory covers building the method (its cache) and answering. With
+    ``max_new_tokens = 0`` only the gold answer's NLL is measured: no answer is generated,
+    and the answer metrics and timings are None.
     """
     with PeakMemory(device) as mem:
         method = make()
         rows = []
         for qa in questions:
-            nll = method.answer_nll(qa)
-            prediction, timings = method.generate(qa, max_new_tokens)
-            rows.append({"id": qa.id, "question": qa.question, "answers": list(qa.answers),
-                         "prediction": prediction, "nll": nll,
-                         "exact_match": exact_match(prediction, qa.answers), "f1": f1(prediction, qa.answers),
-                         "contains": contains(prediction, qa.answers),
-                         "ttft": timings["ttft"], "tokens_per_s": timings["tokens_per_s"] or None})
+            row = {"id": qa.id, "question": qa.question, "answers": list(qa.answers), "prediction": None,
+                   "nll": method.answer_nll(qa), "exact_match": None, "f1": None, "contains": None,
+                   "ttft": None, "tokens_per_s": None}
+            if max_new_tokens > 0:
+                prediction, timings = method.generate(qa, max_new_tokens)
+                row.update(prediction=prediction, exact_match=exact_match(prediction, qa.answers),
+                           f1=f1(prediction, qa.answers), contains=contains(prediction, qa.answers),
+                           ttft=timings["ttft"], tokens_per_s=timings["tokens_per_s"] or None)
+            rows.append(row)
             if step:
                 step(method.name)
         result = MethodResult(method.name, method.kind, method.ratio, method.kv_bytes, method.kv_tokens,
