@@ -31,13 +31,15 @@ class MethodResult:
 
     def summary(self) -> dict:
         """Means of the scores, medians of the timings, and the sizes."""
-        def mean(key):  # None: not measured (no answer generated)
+        def over(key, statistic):  # rows where ``key`` was measured (None: no answer generated)
             xs = [r[key] for r in self.rows if r.get(key) is not None]
-            return statistics.fmean(xs) if xs else float("nan")
+            return statistic(xs) if xs else float("nan")
+
+        def mean(key):
+            return over(key, statistics.fmean)
 
         def median(key):
-            xs = [r[key] for r in self.rows if r.get(key) is not None]
-            return statistics.median(xs) if xs else float("nan")
+            return over(key, statistics.median)
 
         return {"name": self.name, "kind": self.kind, "ratio": self.ratio, "questions": len(self.rows),
                 "contains": mean("contains"), "exact_match": mean("exact_match"), "f1": mean("f1"),
