@@ -3,9 +3,9 @@
 
 ``make bench-rebuild`` runs ``bench/rebuild.py --out docs/benchmarks/rebuild``. On a
 generated corpus of entity profiles (one document per entity, unique facts, five
-questions each) with the default model, for each mode (context ``independent`` or
-``chained``, budgets per ``document`` or shared by the ``corpus``), in one process and
-one after another:
+questions each) with the default model, for each mode (context ``independent``,
+``chained`` or ``whole``, budgets per ``document`` or shared by the ``corpus``), in one
+process and one after another:
 
 1. a clean build of the corpus (timed);
 2. one document in the middle is edited (a fact changes), and ``build`` runs again
@@ -46,12 +46,13 @@ from kvcompile.pipeline import build  # noqa: E402
 from kvcompile.quality import gain_kept, gain_kept_diff_ci, none_nll, pack_nll  # noqa: E402
 from kvcompile.recipe import load_recipe  # noqa: E402
 
-MODES = ("independent", "chained", "independent+corpus", "chained+corpus")  # context[+budgets]
+MODES = ("independent", "chained", "independent+corpus", "chained+corpus", "whole")  # context[+budgets]
 
 
 def mode_options(mode: str, **kw) -> BuildOptions:
+    """``context[+budgets]``; budgets left out: ``document``, except under ``whole`` (its default, ``corpus``)."""
     context, _, budgets = mode.partition("+")
-    return BuildOptions(context=context, budgets=budgets or "document", **kw)
+    return BuildOptions(context=context, budgets=budgets or ("corpus" if context == "whole" else "document"), **kw)
 
 
 def log(msg: str) -> None:
@@ -183,7 +184,8 @@ def markdown(r: dict) -> str:
         "old pack, surveying the corpus (`+corpus` modes), compiling, writing); `compile` is the prefill and "
         "selection alone. Under corpus budgets a rebuild also recompiles the documents whose budget moved "
         "onto another step of the grid (docs/methods.md); in chained mode every document after the edit "
-        "is recompiled anyway.",
+        "is recompiled anyway; `whole` (one prefill of the corpus, one selection over it) recompiles "
+        "every document.",
         "",
         f"## Quality ({r['questions']} questions, share of the full context's NLL gain kept)",
         "",

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -37,6 +37,9 @@ from .rope import place, rotaries, unrotate
 from .scorers import LayerView, Scorer, make_scorer
 from .selection import layer_budget, select
 
+AUTO = "auto"  # an option the build decides from the corpus (BuildOptions.resolved)
+CONTEXT_MODES = ("independent", "chained", "whole")
+
 
 @dataclass
 class BuildOptions:
@@ -55,9 +58,11 @@ class BuildOptions:
     quant_outliers: float | None = None  # share of each run's rows stored exactly; None: the quant's default
     rvq_depth: int = 2  # rvq: residual levels (8-bit codes) per sub-vector
     rvq_group: int = 8  # rvq: channels per sub-vector (8 and depth 2: 2 bits per value, as int2)
-    head_floor: float = 0.2
-    context: str = "chained"  # what each document is compiled after: "independent" or "chained"
-    budgets: str = "document"  # how documents share the budget: "document" or "corpus" (budgets.py)
+    head_floor: float = 1.0  # share of the even per-head budget each head keeps at least (1: equal heads)
+    # What each document is compiled after: "independent", "chained" or "whole"; "auto": whole
+    # when the corpus fits the window, else chained (streamed). Decided by :meth:`resolved`.
+    context: str = AUTO
+    budgets: str = AUTO  # how documents share the budget: "document", "corpus" (budgets.py); "auto": corpus if whole
     doc_floor: float = 0.1  # with corpus budgets: the share of its even budget a document keeps at least
     stream: bool | None = None  # compile at compacted positions (corpora beyond the window); None: if it does not fit
 
@@ -74,10 +79,10 @@ class BuildOptions:
             raise OptionError(f"--sinks must be >= 0, got {self.sinks}")
         if not 0 <= self.head_floor <= 1:
             raise OptionError(f"head floor must be in [0, 1], got {self.head_floor}")
-        if self.context not in CONTEXT_MODES:
-            raise OptionError(f"--context must be one of {', '.join(CONTEXT_MODES)}, got {self.context!r}")
-        if self.budgets not in BUDGET_POLICIES:
-            raise OptionError(f"--budgets must be one of {', '.join(BUDGET_POLICIES)}, got {self.budgets!r}")
+        if self.context not in (AUTO, *CONTEXT_MODES):
+            raise OptionError(f"--context must be one of {', '.join((AUTO, *CONTEXT_MODES))}, got {self.context!r}")
+        if self.budgets not in (AUTO, *BUDGET_POLICIES):
+            raise OptionError(f"--budgets must be one of {', '.join((AUTO, *BUDGET_POLICIES))}, got {self.budgets!r}")
         if not 0 <= self.doc_floor <= 1:
             raise OptionError(f"document floor must be in [0, 1], got {self.doc_floor}")
         make_codec(self.codec)
@@ -93,6 +98,22 @@ class BuildOptions:
             raise OptionError(f"stream must be true, false or unset (auto), got {self.stream!r}")
         if self.quant_outliers is not None and not 0 <= self.quant_outliers <= 1:
             raise OptionError(f"--quant-outliers must be a share in [0, 1], got {self.quant_outliers}")
+
+    def resolved(self, fits: bool) -> BuildOptions:
+        """The options with every automatic choice made, for a corpus that ``fits`` the window
+        at its own positions or not: stream only when it does not; read it whole when it
+        fits, else chain the documents; share the budget across the corpus when read whole
+        (one selection decides it at no cost), else per document. Explicit choices stand."""
+        stream = (not fits) if self.stream is None else self.stream
+        context = self.context if self.context != AUTO else ("chained" if stream else "whole")
+        budgets = self.budgets if self.budgets != AUTO else ("corpus" if context == "whole" else "document")
+        return replace(self, stream=stream, context=context, budgets=budgets)
+
+    @property
+    def surveyed(self) -> bool:
+        """Whether documents' budgets come from a survey prefill before compiling (``corpus``
+        budgets; under ``whole`` context the compile's own selection decides them)."""
+        return self.budgets == "corpus" and self.context != "whole"
 
     @property
     def outliers(self) -> float:
@@ -137,6 +158,8 @@ class BuildOptions:
             del d["stream"]
         if self.budgets == "document":
             del d["budgets"], d["doc_floor"]
+        elif self.context == "whole":
+            del d["doc_floor"]  # one selection over the corpus: no floor per document
         if self.quant == "none":
             del d["quant"], d["quant_group"], d["layer_bits"], d["quant_outliers"]
         if self.quant != "rvq":
@@ -232,9 +255,11 @@ def check_fits(tk: Tokenized, options: BuildOptions, lm: LoadedModel) -> None:
     if lm.capability.absolute_positions:
         raise CorpusError(f"{lm.name} has absolute positions, which its KV holds: a streamed compile needs RoPE, "
                           f"so the corpus must fit its window of {window} (split it into several packs)")
-    if options.budgets == "corpus":
-        raise OptionError("--budgets corpus surveys the whole corpus in one prefill, which a streamed compile "
-                          "avoids: use --budgets document with --stream")
+    if options.budgets == "corpus" or options.context == "whole":
+        what, fix = (("--context whole reads", "--context chained") if options.context == "whole"
+                     else ("--budgets corpus surveys", "--budgets document"))
+        raise OptionError(f"{what} the whole corpus in one prefill, which a streamed compile avoids (the corpus needs "
+                          f"{need} positions, {lm.name}'s window is {window}): use {fix}")
     room, framing = stream_room(tk, options, window), len(tk.prefix_ids)
     if room <= framing:
         raise OptionError(f"--chunk-size {options.chunk_size} leaves no room for kept tokens in {lm.name}'s window "
@@ -255,9 +280,6 @@ def check_fits(tk: Tokenized, options: BuildOptions, lm: LoadedModel) -> None:
             f"answer, and the task prompt's {len(tk.probe_ids)}, stay free): {most}")
 
 
-CONTEXT_MODES = ("independent", "chained")
-
-
 def segment_keys(documents: list[Document], fingerprint: str, recipe: Recipe, options: BuildOptions,
                  budgets: Sequence[int | None] | None = None) -> list[str]:
     """Content keys of the segments (one per document).
@@ -265,26 +287,28 @@ def segment_keys(documents: list[Document], fingerprint: str, recipe: Recipe, op
     A key covers everything the segment's payload depends on: the document, the model,
     the recipe, the options, and the context it was compiled against: the framing alone
     in ``independent`` mode, every earlier segment in ``chained`` mode (chained keys).
-    Under ``corpus`` budgets a document's budget comes from the whole corpus, so it is in
-    the key (``budgets``, tokens per KV head; ``None`` for a document whose budget is not
-    known yet, whose key then matches nothing). Under ``document`` budgets with
+    Under surveyed ``corpus`` budgets a document's budget comes from the whole corpus, so
+    it is in the key (``budgets``, tokens per KV head; ``None`` for a document whose budget
+    is not known yet, whose key then matches nothing). Under ``document`` budgets with
     ``--budget`` the per-document budget depends on the whole corpus's length, RVQ's
-    codebooks on all of its rows, and a streamed ``independent`` segment's room in the
-    window on its share of the corpus, so every key covers every document.
+    codebooks on all of its rows, a streamed ``independent`` segment's room in the window
+    on its share of the corpus, and a ``whole`` segment's rows and selection on all of it,
+    so every key covers every document.
     """
     base = {"model": fingerprint, "recipe": recipe.source, "probes": list(recipe.probes),
             "options": options.key_json()}
-    if options.budgets == "corpus" and budgets is None:
+    if AUTO in (options.context, options.budgets) or options.stream is None:
+        raise ValueError("segment keys need resolved options: BuildOptions.resolved")
+    if options.surveyed and budgets is None:
         raise ValueError("corpus budgets are part of the keys: pass them")
     if ((options.budgets == "document" and options.budget is not None) or options.quant == "rvq"
-            or (options.stream and options.context == "independent")):
-        # RVQ: codebooks learned on all of it; streamed independent segments: room shared by length
+            or (options.stream and options.context == "independent") or options.context == "whole"):
         base["corpus"] = [d.sha256 for d in documents]
     keys, previous = [], ""
     for i, d in enumerate(documents):
         context = previous if options.context == "chained" else ""
         item = {**base, "doc": d.sha256, "path": d.path, "context": context}
-        if options.budgets == "corpus":
+        if options.surveyed:
             item["budget"] = budgets[i] if budgets[i] is not None else f"unknown {i}"
         previous = hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest()
         keys.append(previous)
@@ -381,16 +405,10 @@ class _Compiler:
         stored = self.stored(self.unrotated(kv, kv.positions))
         return stored, self.attendable(stored, 0)
 
-    @torch.no_grad()
-    def survey(self, tk: Tokenized, framing: RaggedKV, ratio: float) -> list[int]:
-        """What one corpus-wide selection keeps of each document: rows, summed over layers and heads.
-
-        The whole corpus is prefilled after the framing (in chunks, every token kept, so
-        its rows are computed against the full corpus, as a press sees them), then the
-        task prompt, whose attention scores every corpus token at once; the build's own
-        scorer and selection then keep ``ratio`` of the corpus per layer. ``framing``: as
-        from :meth:`framing`, attendable.
-        """
+    def read_corpus(self, tk: Tokenized, framing: RaggedKV, progress=None) -> RaggedKV:
+        """Every corpus token's KV ``[layers x kv_heads]`` (post-RoPE, absolute positions, all kept),
+        prefilled after ``framing`` (attendable) in chunks of ``chunk_size``: each row is
+        computed against the whole corpus before it, as a press sees it. ``progress(tokens)``."""
         o, n_prefix = self.options, len(tk.prefix_ids)
         stream = torch.tensor(tk.stream()[n_prefix:], dtype=torch.long, device=self.device)
         seen = RaggedKV.empty(self.layers * self.kv_heads, self.head_dim, self.dtype, self.device)
@@ -402,18 +420,85 @@ class _Compiler:
             self.prefill(chunk, cache)
             seen = RaggedKV.cat([seen, self.new_tokens(cache, chunk.numel(),
                                                        torch.arange(at, at + chunk.numel(), device=self.device))[0]])
+            if progress is not None:
+                progress(start + chunk.numel())
+        return seen
+
+    def score_corpus(self, tk: Tokenized, framing: RaggedKV, seen: RaggedKV) -> torch.Tensor:
+        """Scores ``[N]`` of every row of ``seen`` (:meth:`read_corpus`), from one forward of the
+        task prompt after the framing and the whole corpus."""
         n_probe = self.probe.numel()
         cache = PackCache(RaggedKV.cat([framing, seen]).split(self.layers), start=tk.total,
                           capture_queries=n_probe, capacity=n_probe)
         self.prefill(self.probe, cache)
+        t0 = time.perf_counter()
         probe_keys = torch.stack([layer.new_keys[0] for layer in cache.layers]).flatten(0, 1)  # [layers x heads, P, D]
         queries = torch.cat([layer.queries[0] for layer in cache.layers])
-        target = self.kv_heads * max(1, round(ratio * tk.corpus_tokens))
-        keep = select(self.score(seen, probe_keys, queries), seen, target, seen.positions < o.sinks, o.head_floor,
-                      self.layers)
-        ends = torch.tensor([len(ids) for ids in tk.doc_ids], device=self.device).cumsum(0) + n_prefix
+        del cache
+        scores = self.score(seen, probe_keys, queries)
+        self.seconds["score"] += time.perf_counter() - t0
+        return scores
+
+    def select_corpus(self, tk: Tokenized, seen: RaggedKV, scores: torch.Tensor, ratio: float,
+                      budgets: Sequence[int] | None = None) -> torch.Tensor:
+        """Which rows of ``seen`` (every corpus token, :meth:`read_corpus`) are kept: bool ``[N]``.
+
+        One selection over the corpus, ``ratio`` of it per layer (documents compete), or with
+        ``budgets`` (tokens per KV head, per document) one per document, each among its own rows.
+        """
+        o, n_prefix = self.options, len(tk.prefix_ids)
+        protected = seen.positions < o.sinks
+        if budgets is None:
+            target = self.kv_heads * max(1, round(ratio * tk.corpus_tokens))
+            return select(scores, seen, target, protected, o.head_floor, self.layers)
+        keep, start = torch.zeros_like(protected), n_prefix
+        for ids, budget in zip(tk.doc_ids, budgets):
+            rows = (seen.positions >= start) & (seen.positions < start + len(ids))
+            doc = seen.take(rows, [len(ids)] * seen.heads)  # every token is there, in every head
+            keep[rows] = select(scores[rows], doc, self.kv_heads * budget, protected[rows], o.head_floor,
+                                self.layers)
+            start += len(ids)
+        return keep
+
+    @torch.no_grad()
+    def survey(self, tk: Tokenized, framing: RaggedKV, ratio: float) -> list[int]:
+        """What one corpus-wide selection keeps of each document: rows, summed over layers and heads.
+
+        The whole corpus is prefilled after the framing (every token kept, so its rows are
+        computed against the full corpus, as a press sees them), then the task prompt, whose
+        attention scores every corpus token at once; the build's own scorer and selection
+        then keep ``ratio`` of the corpus per layer. ``framing``: as from :meth:`framing`,
+        attendable.
+        """
+        seen = self.read_corpus(tk, framing)
+        keep = self.select_corpus(tk, seen, self.score_corpus(tk, framing, seen), ratio)
+        ends = torch.tensor([len(ids) for ids in tk.doc_ids], device=self.device).cumsum(0) + len(tk.prefix_ids)
         doc = torch.bucketize(seen.positions[keep], ends, right=True)
         return torch.bincount(doc, minlength=len(tk.doc_ids)).tolist()
+
+    @torch.no_grad()
+    def whole(self, tk: Tokenized, framing: RaggedKV, budgets: Sequence[int] | None, progress=None,
+              ) -> list[RaggedKV]:
+        """Compile every document from one reading of the whole corpus (``--context whole``).
+
+        The corpus is prefilled once after the framing with every token kept
+        (:meth:`read_corpus`), the task prompt scores all of it (:meth:`score_corpus`), one
+        selection keeps the budget (:meth:`select_corpus`: corpus-wide, or per document with
+        ``budgets``), and the kept rows are cut into one segment per document. Rows are thus
+        computed as a press computes them, against the whole uncompressed corpus, and the
+        build costs one prefill; but every segment depends on every document.
+        Returns the segments as stored (positions relative to each document's start).
+        """
+        seen = self.read_corpus(tk, framing, progress)
+        keep = self.select_corpus(tk, seen, self.score_corpus(tk, framing, seen), corpus_ratio(tk, self.options),
+                                  budgets)
+        kept = seen.where(keep)
+        kept = self.stored(self.unrotated(kept, kept.positions))
+        segments, start = [], len(tk.prefix_ids)
+        for ids in tk.doc_ids:
+            segments.append(kept.where((kept.positions >= start) & (kept.positions < start + len(ids))).shifted(-start))
+            start += len(ids)
+        return segments
 
     def compacted(self, parts: Sequence[RaggedKV]) -> RaggedKV:
         """Stored parts (layers stacked) placed one after another at compacted positions: each
@@ -515,7 +600,7 @@ def plan_budgets(tk: Tokenized, options: BuildOptions, lm: LoadedModel) -> tuple
     (:mod:`kvcompile.budgets`), and the seconds spent on it (the ``corpus`` policy's survey
     prefill; ``document`` needs no model)."""
     ratio, lengths = corpus_ratio(tk, options), [len(ids) for ids in tk.doc_ids]
-    if options.budgets == "document":
+    if not options.surveyed:  # under whole context, the compile's one selection decides (these are nominal)
         return document_budgets(lengths, ratio), 0.0
     t0 = time.perf_counter()
     with pack_attention(lm.model):
@@ -539,6 +624,7 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, budget
     :meth:`_Compiler.segment`). ``progress(tokens, documents)`` is called with the numbers
     compiled so far.
     """
+    options = options.resolved(fits(tk, lm.max_positions))
     with pack_attention(lm.model):
         stacked = {d: RaggedKV.stack(seg) for d, seg in (reused or {}).items()}
         return _compile(_Compiler(tk, options, lm), tk, options, list(budgets), progress, stacked)
@@ -551,6 +637,16 @@ def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, budgets: list[i
     for ids in tk.doc_ids:
         starts.append(starts[-1] + len(ids))
     framing, framing_ctx = c.framing(tk)
+    if options.context == "whole":  # its keys cover the corpus: every segment is reused, or none
+        if len(reused) == len(tk.doc_ids):
+            segments = [reused[d] for d in range(len(tk.doc_ids))]
+        else:
+            report = (lambda n: progress(n_prefix + n, 0)) if progress else None
+            segments = c.whole(tk, framing_ctx, budgets if options.budgets == "document" else None, report)
+        budgets = [round(seg.rows / (c.layers * c.kv_heads)) for seg in segments]  # what each kept, per head
+        if progress is not None:
+            progress(tk.total, len(tk.doc_ids))
+        return _assemble(c, tk, framing, segments, starts, budgets)
     room = stream_room(tk, options, c.lm.max_positions) if options.stream else None
     independent = options.context == "independent"
 
@@ -578,5 +674,11 @@ def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, budgets: list[i
         if not independent and not options.stream:
             chained.append(c.attendable(seg, starts[d]))
 
+    return _assemble(c, tk, framing, segments, starts, budgets)
+
+
+def _assemble(c: _Compiler, tk: Tokenized, framing: RaggedKV, segments: list[RaggedKV], starts: list[int],
+              budgets: list[int]) -> Compiled:
+    """The pack's KV in corpus order: the framing, then each segment shifted to its start."""
     every = RaggedKV.cat([framing.to("cpu"), *(seg.to("cpu").shifted(start) for seg, start in zip(segments, starts))])
     return Compiled(every.split(c.layers), tk, budgets, c.seconds)

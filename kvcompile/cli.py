@@ -83,9 +83,9 @@ def build(
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Tokens prefilled per chunk (recipe default: 2048)."),
     sinks: Optional[int] = typer.Option(None, "--sinks", help="First tokens always kept (recipe default: 4)."),
     scorer: str = typer.Option("task_aware", "--scorer", help="task_aware; snapkv (RocketKV's SnapKV++ with the task prompt as window); lagkv (attention-free); or stride (an even-stride baseline)."),
-    context: str = typer.Option("chained", "--context", help="chained: each document compiled after what was kept of the documents before it (an edit recompiles from there on); independent: after the framing alone (an edit recompiles that document only; lower quality, see docs/nightly.md)."),
+    context: str = typer.Option("auto", "--context", help="auto (default): whole when the corpus fits the model's window, else chained (streamed). chained: each document compiled after what was kept of the documents before it (an edit recompiles from there on); independent: after the framing alone (an edit recompiles that document only; lower quality, see docs/nightly.md); whole: one prefill of the whole corpus, selected at once and cut into documents (rows as the full context has them, the cheapest build; an edit recompiles every document)."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Compile chunk by chunk after the compacted kept tokens, so that a corpus longer than the model's window fits in bounded memory (default: only when the corpus does not fit)."),
-    budgets: str = typer.Option("document", "--budgets", help="document: every document keeps the same share of its tokens; corpus: documents compete for the budget, as a survey of the whole corpus with the task prompt decides (an edit also recompiles documents whose budget moves)."),
+    budgets: str = typer.Option("auto", "--budgets", help="auto (default): corpus under --context whole, else document. document: every document keeps the same share of its tokens; corpus: documents compete for the budget, as one selection over the whole corpus with the task prompt decides (chained or independent: a survey prefill first, and an edit also recompiles documents whose budget moves)."),
     reuse: Optional[Path] = typer.Option(None, "--reuse", help="Reuse unchanged segments of this pack (default: the existing --output)."),
     check: bool = typer.Option(False, "--check", help="Exit 0 if the pack is up to date, 1 (listing what is stale) if not; builds nothing, loads no model weights."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be reused, recompiled, added and dropped; build nothing."),
@@ -385,9 +385,11 @@ def inspect(
         o = h["options"]
         budget = f"budget {o['budget']}" if o["budget"] is not None else f"ratio {o['ratio']}"
         if o["selection"].get("budgets") == "corpus":
-            budget += f" shared by the corpus (floor {_show(o['selection'].get('doc_floor'))})"
+            budget += (" shared by the corpus (one selection)" if o["context"] == "whole"
+                       else f" shared by the corpus (floor {_show(o['selection'].get('doc_floor'))})")
         out.print(f"recipe    {_show(h['recipe']['name'])} ({len(h['recipe']['probes'])} probes); {budget}, "
-                  f"scorer {_show(o['scorer']['name'])}, codec {_show(o['codec']['name'])}, chunk {o['chunk_size']}",
+                  f"scorer {_show(o['scorer']['name'])}, codec {_show(o['codec']['name'])}, chunk {o['chunk_size']}, "
+                  f"context {_show(o['context'])}",
                   soft_wrap=True)
         out.print(f"corpus    {len(manifest)} documents, {h['corpus']['tokens']} tokens (+{full - h['corpus']['tokens']} framing)")
         compact = p.attended_positions("compact")[1]

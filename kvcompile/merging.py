@@ -72,7 +72,7 @@ def _check_mergeable(packs: list[Pack]) -> None:
     o = first.header["options"]
     why = None
     if o["context"] != "independent":
-        why = ("was built with --context chained, so each segment depends on the documents before it: build the "
+        why = (f"was built with --context {o['context']}, so each segment depends on other documents: build the "
                "packs with --context independent")
     elif o["budget"] is not None:
         why = "was built with --budget, whose share per document depends on the whole corpus: build with --ratio"

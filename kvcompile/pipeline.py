@@ -60,7 +60,7 @@ def plan(paths: Sequence[str | os.PathLike], model: ModelIdentity | LoadedModel,
 def _match(paths, model, recipe, options, previous, text_field, max_file_bytes,
            probing: Probing | None = None) -> tuple[RebuildPlan, list[Skipped], BuildOptions]:
     """The corpus, the previous pack's segments whose keys match (not yet verified), and the
-    options with ``stream`` decided (unset: when the corpus does not fit the window).
+    options with their automatic choices made (:meth:`BuildOptions.resolved`).
 
     Under ``corpus`` budgets the keys hold budgets that only a survey with the model's
     weights can tell; until then each unchanged document is assumed to keep its previous
@@ -72,13 +72,13 @@ def _match(paths, model, recipe, options, previous, text_field, max_file_bytes,
     if probing is not None:  # the probes join the recipe before any key is computed
         check_scorer(options.make_scorer())
         recipe = probing.resolve(documents, recipe)
-    if options.stream is None and documents:
-        options = replace(options, stream=not fits(tokenize(documents, recipe, model), model.max_positions))
+    # (an empty corpus is refused once tokenised: check_fits)
+    options = options.resolved(not documents or fits(tokenize(documents, recipe, model), model.max_positions))
 
     def keys_for(options, budgets=None):
         return segment_keys(documents, model.fingerprint, recipe, options, budgets)
 
-    corpus_budgets = options.budgets == "corpus"
+    corpus_budgets = options.surveyed
     rebuild = plan_rebuild(documents, keys_for(options, [None] * len(documents) if corpus_budgets else None),
                            previous, model.fingerprint)
     caveats, assumed = [], options
@@ -144,11 +144,11 @@ def build(
         if options.quant == "kvmix" and options.layer_bits is None:
             options = replace(options, layer_bits=layer_bits(tk, lm))
             rematch = True
-        if options.budgets == "corpus" and rebuild.up_to_date:  # the same corpus: the survey would agree
+        if options.surveyed and rebuild.up_to_date:  # the same corpus: the survey would agree
             budgets, survey_s = rebuild.previous_budgets(), 0.0
         else:
             budgets, survey_s = plan_budgets(tk, options, lm)
-            rematch = rematch or options.budgets == "corpus"
+            rematch = rematch or options.surveyed
         if rematch:
             rebuild.match(segment_keys(documents, lm.fingerprint, recipe, options, budgets), lm.fingerprint)
             rebuild.caveat = None  # the survey and the profile have spoken

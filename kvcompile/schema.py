@@ -337,7 +337,7 @@ HEADER = Obj({
         "sinks": Int(),
         "scorer": Obj({"name": Str(max_len=64)}, extra=SCALAR),
         "selection": Obj({}, extra=SCALAR),
-        "context": Str(choices=("chained", "independent")),
+        "context": Str(choices=("chained", "independent", "whole")),
         "codec": Obj({"name": Str(max_len=64)}, extra=SCALAR),
         "auto_probes": Int(1, 4096),  # build --auto-probes N
         "quant": Obj({"name": Str(max_len=64)}, extra=SCALAR),  # build --quant (format 1.2), when not none
@@ -371,7 +371,7 @@ HEADER = Obj({
         "documents": List(Int(0, MAX_DOCUMENTS), min_len=1, max_len=MAX_DOCUMENTS),
         "tokens": List(Int(), min_len=2, max_len=2),
         "key": HEX64,
-        "budget": Int(1),  # tokens kept per KV head (format 1.x before budgets were recorded: absent)
+        "budget": Int(0),  # tokens kept per KV head (format 1.x before budgets were recorded: absent; 1.4: may be 0)
     }, optional=frozenset({"budget"})), min_len=1, max_len=MAX_DOCUMENTS),
     "checksums": Map(HEX64, max_len=MAX_TENSORS, key=TENSOR_NAME),
     "payload_bytes": Obj({part: Int(0, MAX_BYTES) for part in ("keys", "values", "positions", "manifest", "index")},

@@ -326,7 +326,8 @@ class Harness:
         options = BuildOptions(ratio=h["options"]["ratio"], budget=h["options"]["budget"],
                                chunk_size=h["options"]["chunk_size"], sinks=h["options"]["sinks"],
                                scorer=h["options"]["scorer"]["name"], codec=h["options"]["codec"]["name"])
-        options.context = h["options"]["context"]
+        options.context, options.stream = h["options"]["context"], bool(h["options"].get("stream"))
+        options.budgets = h["options"]["selection"]["budgets"]
         self.fingerprint = h["model"]["fingerprint"]
         self.keys = segment_keys(self.documents, self.fingerprint, load_recipe(h["recipe"]["name"]), options)
         assert self.keys == [s["key"] for s in h["segments"]], "the harness must reproduce the pack's keys"

@@ -50,7 +50,7 @@ def test_corpus_budgets_sum_to_the_target_keep_the_floor_and_fit_their_documents
 
 
 def test_the_survey_keeps_the_whole_budget_and_segments_keep_their_own(tiny_lm, tiny_corpus, tmp_path):
-    options = BuildOptions(ratio=0.3, chunk_size=32, budgets="corpus")
+    options = BuildOptions(ratio=0.3, chunk_size=32, context="chained", budgets="corpus")
     documents, _ = read_corpus([tiny_corpus])
     tk = tokenize(documents, QA, tiny_lm)
     compiler = _Compiler(tk, options, tiny_lm)
@@ -118,7 +118,7 @@ def test_check_knows_an_unchanged_corpus_without_weights_and_warns_after_an_edit
     pack = tmp_path / "p.kvpack"
     build([corpus30], pack, tiny_lm, QA, corpus_options("chained"))
     args = ["build", str(corpus30), "-o", str(pack), "--model", str(tiny_model_dir), "--budgets", "corpus",
-            "--ratio", "0.5", "--chunk-size", "64", "--check"]
+            "--context", "chained", "--ratio", "0.5", "--chunk-size", "64", "--check"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "budgets are shared" not in result.output
@@ -131,7 +131,7 @@ def test_check_knows_an_unchanged_corpus_without_weights_and_warns_after_an_edit
 def test_a_bad_policy_is_one_clear_line(tiny_corpus, tmp_path):
     result = runner.invoke(app, ["build", str(tiny_corpus), "-o", str(tmp_path / "x.kvpack"), "--budgets", "global"])
     assert result.exit_code != 0
-    assert "--budgets must be one of document, corpus" in result.output
+    assert "--budgets must be one of auto, document, corpus" in result.output
     assert "Traceback" not in result.output
     with pytest.raises(Exception, match="document floor"):
         BuildOptions(doc_floor=2.0).validate()

@@ -71,7 +71,7 @@ def test_rebuild_with_a_freshly_loaded_model_and_several_chunks_is_byte_identica
 def test_different_options_give_different_bytes(tiny_pack, tiny_corpus, tiny_lm, qa, tmp_path):
     # The counterpart of the determinism tests: the bytes do depend on the options.
     other = tmp_path / "other.kvpack"
-    build([tiny_corpus], other, tiny_lm, qa, BuildOptions(ratio=0.5, chunk_size=128))
+    build([tiny_corpus], other, tiny_lm, qa, BuildOptions(ratio=0.5, chunk_size=128, context="chained"))
     assert other.read_bytes() != tiny_pack.read_bytes()
     a, b = kvcompile.load(other), kvcompile.load(tiny_pack)
 

@@ -150,11 +150,14 @@ def test_merge_refuses_what_would_not_equal_a_build_of_the_union(tiny_lm, halves
     a_dir, b_dir = halves
     ind = [_build(tiny_lm, [f], tmp_path / f"i-{f.name}.kvpack", ratio=0.5, context="independent").path
            for f in halves]
-    chained = [_build(tiny_lm, [f], tmp_path / f"c-{f.name}.kvpack", ratio=0.5).path for f in halves]
+    chained = [_build(tiny_lm, [f], tmp_path / f"c-{f.name}.kvpack", ratio=0.5, context="chained").path
+               for f in halves]
+    whole = [_build(tiny_lm, [f], tmp_path / f"w-{f.name}.kvpack", ratio=0.5).path for f in halves]  # the default
     other_ratio = _build(tiny_lm, [b_dir], tmp_path / "r.kvpack", ratio=0.25, context="independent").path
     cases = [
         ([ind[0]], "at least two packs"),
         (chained, "--context chained.*--context independent"),
+        (whole, "--context whole.*--context independent"),
         ([ind[0], other_ratio], "differ in options.ratio"),
         ([ind[0], ind[0]], "is in both"),
     ]

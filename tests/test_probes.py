@@ -32,7 +32,7 @@ from kvcompile.recipe import Recipe, load_recipe
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 REPO = Path(__file__).resolve().parent.parent
-OPTIONS = dict(ratio=0.5, chunk_size=64)
+OPTIONS = dict(ratio=0.5, chunk_size=64, context="chained")  # edits recompile from the first changed document
 runner = CliRunner()
 
 

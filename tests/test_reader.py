@@ -69,7 +69,7 @@ def test_the_reader_imports_no_compiler(tiny_pack, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert result["rows"] == sum(kvcompile.load(tiny_pack).kept[0]) and result["documents"] == 5
-    assert "kvpack 1.3" in result["inspect"]
+    assert "kvpack 1.4" in result["inspect"]
     assert result["finite"] and result["answer"] >= 0
     assert result["after_load"] == result["after_inspect"] == result["after_query"] == []
 
@@ -82,9 +82,22 @@ def legacy():
     return kvcompile.load(LEGACY)  # verify=True: every checksum
 
 
+def legacy_options():
+    """The options the legacy pack was built with: 1.0's defaults, spelled out since they moved."""
+    from kvcompile.builder import BuildOptions
+
+    return BuildOptions(ratio=0.5, chunk_size=64, context="chained", budgets="document", head_floor=0.2,
+                        scorer_params={"pool": 41})
+
+
 @pytest.fixture(scope="module")
-def fresh(tiny_pack):
-    return kvcompile.load(tiny_pack)
+def fresh(tiny_corpus, tiny_lm, tmp_path_factory):
+    from kvcompile.pipeline import build
+    from kvcompile.recipe import load_recipe
+
+    path = tmp_path_factory.mktemp("fresh") / "fresh.kvpack"
+    build([tiny_corpus], path, tiny_lm, load_recipe("qa"), legacy_options())
+    return kvcompile.load(path)
 
 
 def test_legacy_pack_loads_and_matches_a_fresh_build(legacy, fresh):
@@ -119,13 +132,11 @@ def test_legacy_pack_answers_like_a_fresh_one(legacy, fresh, tiny_lm):
 
 
 def test_legacy_pack_segments_are_reused_by_a_rebuild(tiny_corpus, tiny_lm, tmp_path, legacy):
-    from kvcompile.builder import BuildOptions
     from kvcompile.pipeline import build
     from kvcompile.recipe import load_recipe
 
     out = tmp_path / "rebuilt.kvpack"
-    report = build([tiny_corpus], out, tiny_lm, load_recipe("qa"), BuildOptions(ratio=0.5, chunk_size=64),
-                   reuse=LEGACY)
+    report = build([tiny_corpus], out, tiny_lm, load_recipe("qa"), legacy_options(), reuse=LEGACY)
     assert report.plan.counts()["reused"] == 5
     rebuilt = kvcompile.load(out)
     assert rebuilt.kept == legacy.kept

@@ -136,7 +136,7 @@ def test_a_scorer_sees_each_heads_layer_and_the_chunk_boundary(tiny_lm, tiny_cor
     monkeypatch.setitem(SCORERS, "snapkv", Spy)
     monkeypatch.setitem(builder.SCORE_CALL_BYTES, "cpu", 1)  # one head per call: calls start mid-layer
     build([tiny_corpus], tmp_path / "spy.kvpack", tiny_lm, load_recipe("qa"),
-          BuildOptions(ratio=0.25, chunk_size=16, scorer="snapkv"))
+          BuildOptions(ratio=0.25, chunk_size=16, scorer="snapkv", context="chained"))
     cap = tiny_lm.capability
     heads = cap.num_layers * cap.num_kv_heads
     layers = [layer for ls, *_ in seen for layer in ls]

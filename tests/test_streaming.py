@@ -141,9 +141,12 @@ def test_what_streaming_cannot_do_is_refused_in_one_line(small_lm, tmp_path):
     recipe = load_recipe("qa")
     with pytest.raises(CorpusError, match="build with --stream"):
         build([docs], tmp_path / "p.kvpack", small_lm, recipe, BuildOptions(ratio=0.02, chunk_size=CHUNK, stream=False))
-    with pytest.raises(OptionError, match="--budgets document with --stream"):
+    with pytest.raises(OptionError, match="streamed compile avoids .*: use --budgets document"):
         build([docs], tmp_path / "p.kvpack", small_lm, recipe,
               BuildOptions(ratio=0.02, chunk_size=CHUNK, budgets="corpus"))
+    with pytest.raises(OptionError, match="--context whole reads .*: use --context chained"):
+        build([docs], tmp_path / "p.kvpack", small_lm, recipe,
+              BuildOptions(ratio=0.02, chunk_size=CHUNK, context="whole"))
     with pytest.raises(OptionError, match="lower --chunk-size"):
         build([docs], tmp_path / "p.kvpack", small_lm, recipe, BuildOptions(ratio=0.02, chunk_size=400))
     gpt2 = make_tiny_model(tmp_path / "gpt2", arch="gpt2", max_position_embeddings=WINDOW)
@@ -248,8 +251,8 @@ def test_lagkv_freezes_what_it_judged_and_kept(tiny_lm, tmp_path, monkeypatch, r
     monkeypatch.setattr(builder, "select", spy)
     docs = corpus(tmp_path / "c", 1, 500)
     build([docs], tmp_path / "p.kvpack", tiny_lm, load_recipe("qa"),
-          BuildOptions(ratio=0.3, chunk_size=CHUNK, codec="fp32", scorer="lagkv", scorer_params={"lag": 8,
-                                                                                              "recursive": recursive}))
+          BuildOptions(ratio=0.3, chunk_size=CHUNK, codec="fp32", context="chained", scorer="lagkv",
+                       scorer_params={"lag": 8, "recursive": recursive}))
     assert len(calls) > 3
     judged_and_kept = 0
     for before, after in zip(calls, calls[1:]):

@@ -50,7 +50,7 @@ class TaskAwareScorer(Scorer):
 
     name = "task_aware"
 
-    def __init__(self, value_norm: bool = True, pool: int = 41, row_norm: bool = True):
+    def __init__(self, value_norm: bool = True, pool: int = 5, row_norm: bool = True):
         self.value_norm = value_norm
         self.pool = pool
         self.row_norm = row_norm
