@@ -3,7 +3,7 @@
     make bench-peers          # or: python bench/peers.py --jobs 2 --out docs/benchmarks/peers
     # one quick ablation: one corpus, one ratio, one press, no RAG
     python bench/peers.py --corpora squad:14 --ratios 0.25 --questions 10 --presses snapkv --no-rag \\
-        --variant pool5:scorer_params.pool=5 --out /tmp/peers
+        --variant pool41:scorer_params.pool=41 --out /tmp/peers
 
 Same model, corpus, questions, framing, attention and greedy decoding for every method
 (``kvcompile eval``'s machinery). For each corpus the context ``[framing | corpus |
