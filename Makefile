@@ -157,7 +157,7 @@ bench-rebuild: install
 # kvcompile vs kvpress presses, full, rag and none on Qwen2.5-Coder-0.5B: the protocol of
 # docs/benchmarks/peers/README.md (4 corpora x 30 questions x 3 ratios, one process per corpus, 2 at once; several
 # hours on 2 cores the first time; full/none/rag answers are cached in ~/.cache/kvcompile/bench-nll for reruns).
-# PEERS_ARGS adds options, e.g. PEERS_ARGS="--variant pool5:scorer_params.pool=5".
+# PEERS_ARGS adds options, e.g. PEERS_ARGS="--variant pool41:scorer_params.pool=41".
 PEERS_JOBS ?= 2
 bench-peers: install-bench
 	$(PY) bench/peers.py --jobs $(PEERS_JOBS) --out docs/benchmarks/peers $(PEERS_ARGS)
