@@ -472,9 +472,12 @@ class _Compiler:
         """
         seen = self.read_corpus(tk, framing)
         keep = self.select_corpus(tk, seen, self.score_corpus(tk, framing, seen), ratio)
-        ends = torch.tensor([len(ids) for ids in tk.doc_ids], device=self.device).cumsum(0) + len(tk.prefix_ids)
-        doc = torch.bucketize(seen.positions[keep], ends, right=True)
-        return torch.bincount(doc, minlength=len(tk.doc_ids)).tolist()
+        return torch.bincount(self.document_of(tk, seen.positions[keep]), minlength=len(tk.doc_ids)).tolist()
+
+    def document_of(self, tk: Tokenized, positions: torch.Tensor) -> torch.Tensor:
+        """The document ``[N]`` that each corpus position falls in."""
+        ends = torch.tensor([len(ids) for ids in tk.doc_ids], device=positions.device).cumsum(0) + len(tk.prefix_ids)
+        return torch.bucketize(positions, ends, right=True)
 
     @torch.no_grad()
     def whole(self, tk: Tokenized, framing: RaggedKV, budgets: Sequence[int] | None, progress=None,
@@ -494,9 +497,13 @@ class _Compiler:
                                   budgets)
         kept = seen.where(keep)
         kept = self.stored(self.unrotated(kept, kept.positions))
+        docs = len(tk.doc_ids)
+        doc = self.document_of(tk, kept.positions)
+        counts = torch.bincount(doc * kept.heads + kept.head_ids(), minlength=docs * kept.heads).view(docs, -1)
+        per_head = counts.tolist()  # the one host sync for every document's cut
         segments, start = [], len(tk.prefix_ids)
-        for ids in tk.doc_ids:
-            segments.append(kept.where((kept.positions >= start) & (kept.positions < start + len(ids))).shifted(-start))
+        for d, ids in enumerate(tk.doc_ids):
+            segments.append(kept.take(doc == d, per_head[d], counts[d]).shifted(-start))
             start += len(ids)
         return segments
 
