@@ -396,9 +396,9 @@ def aggregate(runs: list[dict]) -> dict:
     """Gain kept pooled over corpora per (family, ratio), and the paired comparisons of kvcompile's families.
 
     Comparisons: every kvcompile family (plain and each variant) minus every press, minus
-    the best press at that ratio (highest pooled gain kept: chosen after seeing the data,
-    so its gap is a little flattering to the press), minus rag, and a variant minus plain
-    kvcompile. Each over the corpora where both ran.
+    the best press at that ratio (highest pooled gain kept among the presses with the most
+    questions: chosen after seeing the data, so its gap is a little flattering to the press),
+    minus rag, and a variant minus plain kvcompile. Each over the corpora where both ran.
     """
     zs = per_question(runs)
     keys = sorted({k for z in zs for k in z}, key=lambda k: (k[0], -k[1]))
@@ -407,10 +407,12 @@ def aggregate(runs: list[dict]) -> dict:
     ratios = sorted({k[1] for k in keys}, reverse=True)
     best = {}
     for ratio in ratios:
-        pressed = [(gain[k].mean, k[0]) for k in keys if k[1] == ratio and kinds.get(k) == "peer"
-                   and not math.isnan(gain[k].mean)]
+        pressed = [k for k in keys if k[1] == ratio and kinds.get(k) == "peer" and not math.isnan(gain[k].mean)]
+        # Only presses that ran on every corpus any press ran on: a mean over fewer corpora is
+        # not comparable (a press run on its two easiest corpora would be "best").
+        most = max((gain[k].questions for k in pressed), default=0)
         if pressed:
-            best[ratio] = max(pressed)[1]
+            best[ratio] = max((gain[k].mean, k[0]) for k in pressed if gain[k].questions == most)[1]
     comparisons = []
     for a in sorted({k[0] for k in keys if is_kvcompile(k[0])}, key=lambda f: (f != "kvcompile", f)):
         for ratio in ratios:
@@ -614,6 +616,37 @@ def read_runs(path: Path) -> tuple[list[dict], dict]:
     return runs, data
 
 
+def merge_runs(runs: list[dict], log=lambda msg: None) -> list[dict]:
+    """One run per corpus: runs of the same corpus (spec and questions) are combined, a later
+    run's methods replacing an earlier one's of the same name (a new default's rows beside the
+    presses of an earlier run). Their full and none answers must agree (same model, corpus and
+    questions): where they differ by more than 1e-3 nats the merge is refused."""
+    merged: dict[str, dict] = {}
+    for run in runs:
+        old = merged.get(run["spec"])
+        if old is None:
+            merged[run["spec"]] = run
+            continue
+        mine = {r.name: r for r in old["results"]}
+        for base in ("full", "none"):
+            a, b = mine.get(base), next((r for r in run["results"] if r.name == base), None)
+            if a is not None and b is not None:
+                if [x["id"] for x in a.rows] != [x["id"] for x in b.rows]:
+                    raise SystemExit(f"--merge: {run['spec']}: the runs asked different questions")
+                off = max(abs(x["nll"] - y["nll"]) for x, y in zip(a.rows, b.rows))
+                if off > 1e-3:
+                    raise SystemExit(f"--merge: {run['spec']}: the runs' {base} answers differ by {off:.4f} nats: "
+                                     "not the same model, corpus or framing")
+        replaced = sorted(r.name for r in run["results"] if r.name in mine and r.name not in ("full", "none"))
+        if replaced:
+            log(f"{run['spec']}: {', '.join(replaced)} from the later run")
+        mine.update({r.name: r for r in run["results"]})
+        merged[run["spec"]] = {**old, "build_s": {**old["build_s"], **run["build_s"]},
+                               "capture_prefill_s": old["capture_prefill_s"] or run["capture_prefill_s"],
+                               "results": list(mine.values())}
+    return list(merged.values())
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -713,7 +746,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-nll-cache", action="store_true", help="compute every answer, read and write no cache")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "peers")
     ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
-                    help="write one report from the peers.json of several runs and exit")
+                    help="write one report from the peers.json of several runs and exit (runs of one corpus "
+                         "are combined; a later run's methods replace an earlier one's of the same name)")
     args = ap.parse_args(argv)
 
     def log(msg):
@@ -721,7 +755,7 @@ def main(argv=None) -> int:
 
     if args.merge:
         parts = [read_runs(p) for p in args.merge]
-        write([run for runs, _ in parts for run in runs], parts[0][1], args.out)
+        write(merge_runs([run for runs, _ in parts for run in runs], log), parts[0][1], args.out)
         log(f"wrote {args.out}/peers.{{md,json,png}}")
         return 0
     press_names = [p.strip() for p in args.presses.split(",") if p.strip() and p.strip() != "none"]

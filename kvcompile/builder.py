@@ -33,8 +33,9 @@ from .kvmix import DEFAULTS as KVMIX
 from .models import LoadedModel
 from .ragged import RaggedKV, within_heads
 from .recipe import Recipe
+from .reconstruction import max_attention, prompt_tokens, repeat_ids
 from .rope import place, rotaries, unrotate
-from .scorers import LayerView, Scorer, make_scorer
+from .scorers import SCORERS, LayerView, Scorer, make_scorer
 from .selection import layer_budget, select
 
 AUTO = "auto"  # an option the build decides from the corpus (BuildOptions.resolved)
@@ -103,11 +104,20 @@ class BuildOptions:
         """The options with every automatic choice made, for a corpus that ``fits`` the window
         at its own positions or not: stream only when it does not; read it whole when it
         fits, else chain the documents; share the budget across the corpus when read whole
-        (one selection decides it at no cost), else per document. Explicit choices stand."""
+        (one selection decides it at no cost), else per document; and unless read whole,
+        turn off the scorer's terms that need the whole corpus (``Scorer.off``). Explicit
+        choices stand."""
         stream = (not fits) if self.stream is None else self.stream
         context = self.context if self.context != AUTO else ("chained" if stream else "whole")
         budgets = self.budgets if self.budgets != AUTO else ("corpus" if context == "whole" else "document")
-        return replace(self, stream=stream, context=context, budgets=budgets)
+        params = self.scorer_params
+        if context != "whole" and self.scorer in SCORERS:
+            params = {**SCORERS[self.scorer].off, **params}
+        options = replace(self, stream=stream, context=context, budgets=budgets, scorer_params=params)
+        if context != "whole" and options.make_scorer().reads_reconstruction:
+            raise OptionError(f"the {self.scorer} scorer's reconstruction term repeats the whole corpus, which a "
+                              f"{context} build does not read at once: use --context whole, or recon 0")
+        return options
 
     @property
     def surveyed(self) -> bool:
@@ -151,9 +161,11 @@ class BuildOptions:
     def key_json(self) -> dict:
         """The options as segment keys cover them: :meth:`to_json`, less the fields that change
         nothing where they are off (corpus budgets under ``document`` budgets, quantisation
-        without ``--quant``, RVQ's without ``rvq``), so that packs written before they
-        existed stay reusable."""
+        without ``--quant``, RVQ's without ``rvq``, a scorer's terms at their ``off`` values),
+        so that packs written before they existed stay reusable."""
         d = self.to_json()
+        off = SCORERS[self.scorer].off
+        d["scorer_params"] = {k: v for k, v in d["scorer_params"].items() if k not in off or off[k] != v}
         if not d["stream"]:
             del d["stream"]
         if self.budgets == "document":
@@ -376,10 +388,10 @@ class _Compiler:
         return kv, keys[:, :, n:].reshape(heads, keys.shape[2] - n, d)
 
     def score(self, candidates: RaggedKV, probe_keys: torch.Tensor, queries: torch.Tensor,
-              chunk_start: int | None = None) -> torch.Tensor:
+              chunk_start: int | None = None, reconstruction: torch.Tensor | None = None) -> torch.Tensor:
         """Scores ``[N]`` of stacked candidates (every layer, layer-major), as many heads per scorer
         call as keep the probe's attention matrix ``[heads, group x probe, candidates]`` under
-        :data:`SCORE_CALL_BYTES`. ``chunk_start``: see :class:`LayerView`."""
+        :data:`SCORE_CALL_BYTES`. ``chunk_start``, ``reconstruction`` (``[N]``): see :class:`LayerView`."""
         heads = candidates.heads
         group = queries.shape[0] // heads
         n_probe = probe_keys.shape[1]
@@ -387,12 +399,14 @@ class _Compiler:
         most = max(1, SCORE_CALL_BYTES.get(self.device.type, SCORE_CALL_BYTES["cpu"]) // max(per_head, 1))
         per_call = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= most)
         scaling = self.head_dim**-0.5
+        parts = candidates.split(heads // per_call)
+        recon = [None] * len(parts) if reconstruction is None else reconstruction.split([p.rows for p in parts])
         return torch.cat([
             self.scorer.score(LayerView(part, probe_keys[i * per_call : (i + 1) * per_call],
                                         queries[i * per_call * group : (i + 1) * per_call * group], scaling,
                                         first_head=i * per_call, kv_heads=self.kv_heads,
-                                        chunk_start=chunk_start))
-            for i, part in enumerate(candidates.split(heads // per_call))])
+                                        chunk_start=chunk_start, reconstruction=recon[i]))
+            for i, part in enumerate(parts)])
 
     def framing(self, tk: Tokenized) -> tuple[RaggedKV, RaggedKV]:
         """The framing prefix, prefilled once and kept whole (it holds the attention sinks): as
@@ -424,9 +438,42 @@ class _Compiler:
                 progress(start + chunk.numel())
         return seen
 
+    def reconstruct(self, tk: Tokenized, framing: RaggedKV, seen: RaggedKV) -> torch.Tensor:
+        """Reconstruction scores ``[N]`` of every row of ``seen`` (:meth:`read_corpus`): the corpus
+        is repeated after itself, ``chunk_size`` tokens per forward (fewer where the window has
+        less room), and each token scored by the most attention the repeat of its chunk pays it
+        (:mod:`kvcompile.reconstruction`)."""
+        layers, heads, d = self.layers, self.kv_heads, self.head_dim
+        n_prefix, n = len(tk.prefix_ids), tk.corpus_tokens
+        room = self.lm.max_positions - tk.total - prompt_tokens(self.lm.tokenizer)
+        if room < 1:
+            raise CorpusError(f"the corpus leaves no room in the {self.lm.max_positions}-token window to repeat it "
+                              "(the task-aware scorer's reconstruction term): build with --recon 0, or --context "
+                              "chained")
+        corpus = tk.stream()[n_prefix:]
+        keys = seen.keys.view(layers, heads, n, d)  # every token in every head, by position
+        prefix = framing.keys.view(layers, heads, n_prefix, d)
+        context = RaggedKV.cat([framing, seen]).split(layers)
+        scores = torch.empty(layers, heads, n, device=self.device)
+        max_bytes = SCORE_CALL_BYTES.get(self.device.type, SCORE_CALL_BYTES["cpu"])
+        step = min(self.options.chunk_size, room)
+        for start in range(0, n, step):
+            end = min(start + step, n)
+            ids = repeat_ids(self.lm.tokenizer, corpus, start, end)
+            cache = PackCache(context, start=tk.total, capture_queries=len(ids), capacity=len(ids))
+            self.prefill(torch.tensor(ids, dtype=torch.long, device=self.device), cache)
+            t0 = time.perf_counter()
+            for i, layer in enumerate(cache.layers):
+                scores[i, :, start:end] = max_attention(layer.queries[0], prefix[i], keys[i, :, start:end],
+                                                        layer.new_keys[0], d**-0.5, max_bytes)
+            self.seconds["score"] += time.perf_counter() - t0
+        return scores.flatten()
+
     def score_corpus(self, tk: Tokenized, framing: RaggedKV, seen: RaggedKV) -> torch.Tensor:
         """Scores ``[N]`` of every row of ``seen`` (:meth:`read_corpus`), from one forward of the
-        task prompt after the framing and the whole corpus."""
+        task prompt after the framing and the whole corpus (and the corpus repeated, for a scorer
+        that reads reconstruction)."""
+        recon = self.reconstruct(tk, framing, seen) if self.scorer.reads_reconstruction else None
         n_probe = self.probe.numel()
         cache = PackCache(RaggedKV.cat([framing, seen]).split(self.layers), start=tk.total,
                           capture_queries=n_probe, capacity=n_probe)
@@ -435,7 +482,7 @@ class _Compiler:
         probe_keys = torch.stack([layer.new_keys[0] for layer in cache.layers]).flatten(0, 1)  # [layers x heads, P, D]
         queries = torch.cat([layer.queries[0] for layer in cache.layers])
         del cache
-        scores = self.score(seen, probe_keys, queries)
+        scores = self.score(seen, probe_keys, queries, reconstruction=recon)
         self.seconds["score"] += time.perf_counter() - t0
         return scores
 

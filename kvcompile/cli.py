@@ -83,7 +83,8 @@ def build(
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Tokens prefilled per chunk (recipe default: 2048)."),
     sinks: Optional[int] = typer.Option(None, "--sinks", help="First tokens always kept (recipe default: 4)."),
     scorer: str = typer.Option("task_aware", "--scorer", help="task_aware; snapkv (RocketKV's SnapKV++ with the task prompt as window); lagkv (attention-free); or stride (an even-stride baseline)."),
-    context: str = typer.Option("auto", "--context", help="auto (default): whole when the corpus fits the model's window, else chained (streamed). chained: each document compiled after what was kept of the documents before it (an edit recompiles from there on); independent: after the framing alone (an edit recompiles that document only; lower quality, see docs/nightly.md); whole: one prefill of the whole corpus, selected at once and cut into documents (rows as the full context has them, the cheapest build; an edit recompiles every document)."),
+    recon: Optional[float] = typer.Option(None, "--recon", help="Task-aware scorer, --context whole: the weight in [0, 1] of reconstruction (what the model attends to when it repeats the corpus, KVzip) against the task prompt's attention (default 0.5; 0: off, one forward of the corpus less)."),
+    context: str = typer.Option("auto", "--context", help="auto (default): whole when the corpus fits the model's window, else chained (streamed). chained: each document compiled after what was kept of the documents before it (an edit recompiles from there on); independent: after the framing alone (an edit recompiles that document only; lower quality, see docs/nightly.md); whole: one prefill of the whole corpus and one repeat of it (--recon), selected at once and cut into documents (rows as the full context has them; an edit recompiles every document)."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Compile chunk by chunk after the compacted kept tokens, so that a corpus longer than the model's window fits in bounded memory (default: only when the corpus does not fit)."),
     budgets: str = typer.Option("auto", "--budgets", help="auto (default): corpus under --context whole, else document. document: every document keeps the same share of its tokens; corpus: documents compete for the budget, as one selection over the whole corpus with the task prompt decides (chained or independent: a survey prefill first, and an edit also recompiles documents whose budget moves)."),
     reuse: Optional[Path] = typer.Option(None, "--reuse", help="Reuse unchanged segments of this pack (default: the existing --output)."),
@@ -130,9 +131,15 @@ def build(
             rvq_depth=rvq_depth,
             rvq_group=rvq_group,
         )
+        if recon is not None:
+            if scorer != "task_aware":
+                raise OptionError(f"--recon weighs the task_aware scorer's reconstruction term; the {scorer} scorer "
+                                  "has none: drop --recon")
+            options.scorer_params = {"recon": recon}
         options.context, options.budgets, options.stream = context, budgets, stream
         options.validate()  # bad codec and quant names fail before a model is loaded
         options.make_scorer()
+        options.resolved(fits=True)  # an explicit context that cannot read reconstruction, too
         if n_auto:
             check_scorer(options.make_scorer())
         if check or dry_run:
@@ -387,8 +394,11 @@ def inspect(
         if o["selection"].get("budgets") == "corpus":
             budget += (" shared by the corpus (one selection)" if o["context"] == "whole"
                        else f" shared by the corpus (floor {_show(o['selection'].get('doc_floor'))})")
+        recon = o["scorer"].get("recon")
+        scorer = _show(o["scorer"]["name"]) + (f" with reconstruction {recon:g}" if isinstance(recon, (int, float))
+                                               and recon > 0 else "")
         out.print(f"recipe    {_show(h['recipe']['name'])} ({len(h['recipe']['probes'])} probes); {budget}, "
-                  f"scorer {_show(o['scorer']['name'])}, codec {_show(o['codec']['name'])}, chunk {o['chunk_size']}, "
+                  f"scorer {scorer}, codec {_show(o['codec']['name'])}, chunk {o['chunk_size']}, "
                   f"context {_show(o['context'])}",
                   soft_wrap=True)
         out.print(f"corpus    {len(manifest)} documents, {h['corpus']['tokens']} tokens (+{full - h['corpus']['tokens']} framing)")

@@ -53,7 +53,7 @@ def test_the_survey_keeps_the_whole_budget_and_segments_keep_their_own(tiny_lm, 
     options = BuildOptions(ratio=0.3, chunk_size=32, context="chained", budgets="corpus")
     documents, _ = read_corpus([tiny_corpus])
     tk = tokenize(documents, QA, tiny_lm)
-    compiler = _Compiler(tk, options, tiny_lm)
+    compiler = _Compiler(tk, options.resolved(fits=True), tiny_lm)  # as the build resolves them
     with builder.pack_attention(tiny_lm.model):
         kept = compiler.survey(tk, compiler.framing(tk)[1], 0.3)
     cap = tiny_lm.capability

@@ -70,7 +70,7 @@ def test_task_aware_scores_equal_the_per_head_algorithm(lengths, n_probe, group,
     scaling = HEAD_DIM**-0.5
     view = LayerView(candidates, probe_keys, queries, scaling)
     for value_norm, row_norm in [(True, True), (False, False), (True, False), (False, True)]:
-        scorer = make_scorer("task_aware", value_norm=value_norm, pool=pool, row_norm=row_norm)
+        scorer = make_scorer("task_aware", value_norm=value_norm, pool=pool, row_norm=row_norm, recon=0.0)
         got = scorer.score(view)
         expected, probs = _task_aware_reference(queries, candidates, probe_keys, scaling, value_norm, pool, row_norm)
         assert got.shape == (n,)

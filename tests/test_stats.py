@@ -261,6 +261,9 @@ def test_aggregate_pools_corpora_and_compares(peers):
         return {"results": rs, "questions": 3}
 
     runs = [corpus(B), corpus(FULL)]
+    # a press run on one corpus only, keeping all of it there, is not the best press of two corpora
+    runs[1]["results"].append(result("lucky@0.25", "peer", 0.25, FULL))
+    fill_gain_kept(runs[1]["results"])
     agg = peers.aggregate(runs)
     gain = {(g["family"], g["ratio"]): g for g in agg["gain_kept"]}
     assert gain[("kvcompile", 0.25)]["mean"] == pytest.approx(0.4)
@@ -283,6 +286,29 @@ def test_aggregate_pools_corpora_and_compares(peers):
     md = peers.markdown(runs, {"model": "m", "device": "CPU", "torch": "t", "threads": 1, "kvpress": "k",
                                "date": "d", "max_new_tokens": 8, "variants": {"v": {"head_floor": 0.0}}}, agg)
     assert "| **kvcompile** | 0.40 ± " in md and "| kvcompile | best press | -0.30 ± " in md
+
+
+def test_merge_combines_runs_of_one_corpus_later_methods_first(peers):
+    """A new default's rows beside an earlier run's presses: one run per corpus, the later run's
+    method of a name replaces the earlier; runs whose baselines disagree are refused."""
+    def run(spec, *methods, build=None):
+        return {"spec": spec, "results": [result("full", "full", 1.0, FULL), result("none", "none", 0.0, NONE),
+                                          *methods], "build_s": build or {}, "capture_prefill_s": None}
+
+    early = run("s", result("kvcompile@0.25", "pack", 0.25, A), result("snapkv@0.25", "peer", 0.25, B),
+                build={"kvcompile@0.25": 9.0})
+    other = run("t", result("kvcompile@0.25", "pack", 0.25, A))
+    late = run("s", result("kvcompile@0.25", "pack", 0.25, FULL), build={"kvcompile@0.25": 5.0})
+    merged = peers.merge_runs([early, other, late])
+    assert [m["spec"] for m in merged] == ["s", "t"]
+    got = {r.name: r for r in merged[0]["results"]}
+    assert sorted(got) == ["full", "kvcompile@0.25", "none", "snapkv@0.25"]
+    assert [x["nll"] for x in got["kvcompile@0.25"].rows] == FULL and got["snapkv@0.25"].rows[0]["nll"] == B[0]
+    assert merged[0]["build_s"] == {"kvcompile@0.25": 5.0}
+    off = run("s")
+    off["results"][0] = result("full", "full", 1.0, [x + 0.1 for x in FULL])
+    with pytest.raises(SystemExit, match="full answers differ"):
+        peers.merge_runs([early, off])
 
 
 def test_unpinned_reads_the_constraints_file(peers, tmp_path):

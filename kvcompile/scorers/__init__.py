@@ -31,6 +31,9 @@ class LayerView:
     queries: ``[heads x group, n_probe, head_dim]`` post-RoPE queries of the probe tokens.
     chunk_start: the position of the chunk's first token: candidates before it are the
         earlier chunks' survivors (``None``: every candidate is new).
+    reconstruction: ``[N]`` each candidate's reconstruction score, the most attention a
+        repeat of the corpus pays it (:mod:`kvcompile.reconstruction`); only where the whole
+        corpus is read at once (``--context whole``) and the scorer reads it, else ``None``.
     """
 
     candidates: RaggedKV
@@ -40,6 +43,7 @@ class LayerView:
     first_head: int = 0
     kv_heads: int = 0  # KV heads per layer; 0: the candidates' heads are one layer
     chunk_start: int | None = None
+    reconstruction: torch.Tensor | None = None
 
     @property
     def n_probe(self) -> int:
@@ -66,6 +70,15 @@ class Scorer(ABC):
     # True: the rows it has judged and kept are frozen, and later chunks score only the rest
     # (each head's unjudged tail: :meth:`window`), so compression is recursive as in LagKV.
     recursive: bool = False
+    # Parameter values that turn off the terms which need the whole corpus read at once: what
+    # chained and independent builds use (BuildOptions.resolved), and left out of segment keys
+    # at these values, so that packs written before such a term existed stay reusable.
+    off: dict = {}
+
+    @property
+    def reads_reconstruction(self) -> bool:
+        """Whether :meth:`score` needs ``view.reconstruction`` (the corpus repeated after itself)."""
+        return False
 
     @abstractmethod
     def score(self, view: LayerView) -> torch.Tensor:

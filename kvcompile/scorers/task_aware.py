@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import OptionError
 from ..ragged import RaggedKV
 from . import LayerView, Scorer, register
 
@@ -41,22 +42,34 @@ def probe_attention(queries: torch.Tensor, candidates: RaggedKV, probe_keys: tor
 
 @register
 class TaskAwareScorer(Scorer):
-    """Mean probe attention per KV head (averaged over its GQA group), times ``|v|``.
+    """Mean probe attention per KV head (averaged over its GQA group), times ``|v|``, blended
+    with reconstruction.
 
     Each head's scores are normalised to sum to one, so heads compete for the layer's
     budget by how concentrated their attention is: a head that attends to few tokens
-    keeps few, a head that spreads its attention keeps more.
+    keeps few, a head that spreads its attention keeps more. With ``recon`` > 0 the score
+    is ``(1 - recon) x task + recon x reconstruction``, each normalised per head: what the
+    task prompt asks for, and what the model reads to repeat the corpus (query-agnostic
+    coverage of facts no probe resembles; docs/methods.md section 3).
     """
 
     name = "task_aware"
+    off = {"recon": 0.0}
 
-    def __init__(self, value_norm: bool = True, pool: int = 5, row_norm: bool = True):
+    def __init__(self, value_norm: bool = True, pool: int = 5, row_norm: bool = True, recon: float = 0.5):
+        if not 0 <= recon <= 1:
+            raise OptionError(f"the task-aware scorer's recon weight must be in [0, 1], got {recon}")
         self.value_norm = value_norm
         self.pool = pool
         self.row_norm = row_norm
+        self.recon = float(recon)
 
     def params(self) -> dict:
-        return {"value_norm": self.value_norm, "pool": self.pool, "row_norm": self.row_norm}
+        return {"value_norm": self.value_norm, "pool": self.pool, "row_norm": self.row_norm, "recon": self.recon}
+
+    @property
+    def reads_reconstruction(self) -> bool:
+        return self.recon > 0
 
     def score(self, view: LayerView) -> torch.Tensor:
         c = view.candidates
@@ -73,4 +86,12 @@ class TaskAwareScorer(Scorer):
             s = torch.nn.functional.max_pool1d(s[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0]
             s = s[:, : valid.shape[1]].masked_fill(~valid, 0.0)
         s = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        return s[c.head_ids(), c.head_local_index()]
+        s = s[c.head_ids(), c.head_local_index()]
+        if self.recon:
+            if view.reconstruction is None:
+                raise OptionError("the task-aware scorer's reconstruction term (recon > 0) needs the corpus read "
+                                  "whole: build with --context whole, or set recon to 0")
+            r = view.reconstruction.float()
+            r = r / torch.zeros(c.heads, device=r.device).index_add_(0, c.head_ids(), r).clamp_min(1e-30)[c.head_ids()]
+            s = (1 - self.recon) * s + self.recon * r
+        return s
