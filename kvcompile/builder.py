@@ -105,14 +105,14 @@ class BuildOptions:
         at its own positions or not: stream only when it does not; read it whole when it
         fits, else chain the documents; share the budget across the corpus when read whole
         (one selection decides it at no cost), else per document; and unless read whole,
-        turn off the scorer's terms that need the whole corpus (``Scorer.off``). Explicit
-        choices stand."""
+        give the scorer its defaults for that (``Scorer.apart``: no reconstruction, a wider
+        pool). Explicit choices stand."""
         stream = (not fits) if self.stream is None else self.stream
         context = self.context if self.context != AUTO else ("chained" if stream else "whole")
         budgets = self.budgets if self.budgets != AUTO else ("corpus" if context == "whole" else "document")
         params = self.scorer_params
         if context != "whole" and self.scorer in SCORERS:
-            params = {**SCORERS[self.scorer].off, **params}
+            params = {**SCORERS[self.scorer].apart, **params}
         options = replace(self, stream=stream, context=context, budgets=budgets, scorer_params=params)
         if context != "whole" and options.make_scorer().reads_reconstruction:
             raise OptionError(f"the {self.scorer} scorer's reconstruction term repeats the whole corpus, which a "
@@ -161,8 +161,8 @@ class BuildOptions:
     def key_json(self) -> dict:
         """The options as segment keys cover them: :meth:`to_json`, less the fields that change
         nothing where they are off (corpus budgets under ``document`` budgets, quantisation
-        without ``--quant``, RVQ's without ``rvq``, a scorer's terms at their ``off`` values),
-        so that packs written before they existed stay reusable."""
+        without ``--quant``, RVQ's without ``rvq``, a scorer's terms at their ``off``
+        values), so that packs written before they existed stay reusable."""
         d = self.to_json()
         off = SCORERS[self.scorer].off
         d["scorer_params"] = {k: v for k, v in d["scorer_params"].items() if k not in off or off[k] != v}

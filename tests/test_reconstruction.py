@@ -84,16 +84,21 @@ def test_the_task_aware_score_blends_each_heads_normalised_terms():
 
 
 def test_only_a_whole_build_reads_reconstruction():
-    """``auto`` turns the term off where the corpus is not read whole, and the segment keys then
-    leave it out (packs written before it existed stay reusable); an explicit term is refused."""
+    """``auto`` gives builds that do not read the corpus whole the scorer's defaults for that
+    (no reconstruction, pool 41), recorded as used; explicit choices stand, and an explicit
+    reconstruction term there is refused."""
     whole = BuildOptions().resolved(fits=True)
-    assert whole.context == "whole" and whole.make_scorer().recon == 0.5
+    assert whole.context == "whole" and whole.make_scorer().params() == {
+        "value_norm": True, "pool": 5, "row_norm": True, "recon": 0.5}
     assert whole.key_json()["scorer_params"]["recon"] == 0.5
     chained = BuildOptions().resolved(fits=False)
-    assert chained.context == "chained" and chained.make_scorer().recon == 0.0
-    assert chained.to_json()["scorer_params"]["recon"] == 0.0
-    assert "recon" not in chained.key_json()["scorer_params"]
-    assert BuildOptions(context="independent").resolved(fits=True).make_scorer().recon == 0.0
+    assert chained.context == "chained"
+    assert chained.make_scorer().recon == 0.0 and chained.make_scorer().pool == 41
+    assert chained.to_json()["scorer_params"] == {"value_norm": True, "pool": 41, "row_norm": True, "recon": 0.0}
+    # keys leave the term out where it is off: packs from before it existed stay reusable
+    assert chained.key_json()["scorer_params"] == {"value_norm": True, "pool": 41, "row_norm": True}
+    assert BuildOptions(context="independent").resolved(fits=True).make_scorer().pool == 41
+    assert BuildOptions(context="chained", scorer_params={"pool": 5}).resolved(fits=True).make_scorer().pool == 5
     with pytest.raises(OptionError, match="--context whole"):
         BuildOptions(context="chained", scorer_params={"recon": 0.3}).resolved(fits=True)
 

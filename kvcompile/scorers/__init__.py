@@ -70,9 +70,12 @@ class Scorer(ABC):
     # True: the rows it has judged and kept are frozen, and later chunks score only the rest
     # (each head's unjudged tail: :meth:`window`), so compression is recursive as in LagKV.
     recursive: bool = False
-    # Parameter values that turn off the terms which need the whole corpus read at once: what
-    # chained and independent builds use (BuildOptions.resolved), and left out of segment keys
-    # at these values, so that packs written before such a term existed stay reusable.
+    # Parameter defaults where the corpus is not read whole (chained and independent builds,
+    # BuildOptions.resolved): the terms that need the whole corpus turned off, and settings
+    # measured better a document at a time.
+    apart: dict = {}
+    # Parameter values at which a term is off: left out of segment keys there, so that packs
+    # written before the term existed stay reusable.
     off: dict = {}
 
     @property

@@ -54,6 +54,10 @@ class TaskAwareScorer(Scorer):
     """
 
     name = "task_aware"
+    # A chained build scores each chunk of a document on its own; a pool of 5 (chosen reading
+    # whole) cost it most of its gain on SmolLM2's entity profiles, where 41 kept 2.6x more
+    # (docs/nightly.md), and pool 41 was no worse on Qwen over SQuAD (docs/methods.md section 4).
+    apart = {"recon": 0.0, "pool": 41}
     off = {"recon": 0.0}
 
     def __init__(self, value_norm: bool = True, pool: int = 5, row_norm: bool = True, recon: float = 0.5):
