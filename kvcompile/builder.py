@@ -438,11 +438,11 @@ class _Compiler:
                 progress(start + chunk.numel())
         return seen
 
-    def reconstruct(self, tk: Tokenized, framing: RaggedKV, seen: RaggedKV) -> torch.Tensor:
+    def reconstruct(self, tk: Tokenized, framing: RaggedKV, seen: RaggedKV, context: list[RaggedKV]) -> torch.Tensor:
         """Reconstruction scores ``[N]`` of every row of ``seen`` (:meth:`read_corpus`): the corpus
         is repeated after itself, ``chunk_size`` tokens per forward (fewer where the window has
         less room), and each token scored by the most attention the repeat of its chunk pays it
-        (:mod:`kvcompile.reconstruction`)."""
+        (:mod:`kvcompile.reconstruction`). ``context``: ``[framing | seen]`` per layer, as attended."""
         layers, heads, d = self.layers, self.kv_heads, self.head_dim
         n_prefix, n = len(tk.prefix_ids), tk.corpus_tokens
         room = self.lm.max_positions - tk.total - prompt_tokens(self.lm.tokenizer)
@@ -453,7 +453,6 @@ class _Compiler:
         corpus = tk.stream()[n_prefix:]
         keys = seen.keys.view(layers, heads, n, d)  # every token in every head, by position
         prefix = framing.keys.view(layers, heads, n_prefix, d)
-        context = RaggedKV.cat([framing, seen]).split(layers)
         scores = torch.empty(layers, heads, n, device=self.device)
         max_bytes = SCORE_CALL_BYTES.get(self.device.type, SCORE_CALL_BYTES["cpu"])
         step = min(self.options.chunk_size, room)
@@ -473,10 +472,10 @@ class _Compiler:
         """Scores ``[N]`` of every row of ``seen`` (:meth:`read_corpus`), from one forward of the
         task prompt after the framing and the whole corpus (and the corpus repeated, for a scorer
         that reads reconstruction)."""
-        recon = self.reconstruct(tk, framing, seen) if self.scorer.reads_reconstruction else None
+        context = RaggedKV.cat([framing, seen]).split(self.layers)  # one copy, for every forward after the corpus
+        recon = self.reconstruct(tk, framing, seen, context) if self.scorer.reads_reconstruction else None
         n_probe = self.probe.numel()
-        cache = PackCache(RaggedKV.cat([framing, seen]).split(self.layers), start=tk.total,
-                          capture_queries=n_probe, capacity=n_probe)
+        cache = PackCache(context, start=tk.total, capture_queries=n_probe, capacity=n_probe)
         self.prefill(self.probe, cache)
         t0 = time.perf_counter()
         probe_keys = torch.stack([layer.new_keys[0] for layer in cache.layers]).flatten(0, 1)  # [layers x heads, P, D]
