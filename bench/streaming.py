@@ -15,8 +15,17 @@ with one generated answer.
 equals the full context exactly; loading it is cheaper than one prefill per question).
 Gain kept pooled over the questions, and the paired difference streamed - whole.
 
+``passes``: what a streamed build's first pass buys (``--stream-scorer``). One tuning corpus
+compiled by a model whose window is cut to ``--window`` (so that it streams, with a room
+well under the corpus) in three ways: the task-aware scorer on every chunk (the streamed
+default), LagKV while streaming then the task-aware scorer over its survivors, and LagKV
+alone; and whole at the model's own window, as the reference. Gain kept against the full
+context (the uncut window; full and no-context NLLs from the benchmarks' answer cache),
+paired differences, build seconds and the tokens each build prefilled.
+
     python bench/streaming.py memory --sizes 8000,30000,60000 --ratio 0.1
     python bench/streaming.py quality --articles 0,1,2,3 --ratios 0.25,0.1
+    python bench/streaming.py passes --corpus squad:8 --window 2048 --ratios 0.25,0.1
 """
 
 from __future__ import annotations
@@ -149,6 +158,7 @@ def write_memory(rows: list[dict], args) -> None:
     meta = {"model": args.model, "date": time.strftime("%Y-%m-%d"), "device": _cpu(args.threads),
             "command": f"python bench/streaming.py memory --sizes {args.sizes} --ratio {args.ratio}"}
     (OUT / "memory.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    rows = sorted(rows, key=lambda r: r["tokens"])  # sizes may run in any order (the largest first, to see it)
     base = rows[0]
     mib = 2**20
     lines = ["# Streaming compilation: memory and time against corpus length (issue 14)", "",
@@ -297,14 +307,22 @@ def _previous(args, corpus: str, ids: list) -> dict:
     return data if (data.get("model"), data.get("corpus"), data.get("ids")) == (args.model, corpus, ids) else {}
 
 
-def write_quality(name, tokens, documents, qas, nll, build_s, ratios, args) -> None:
+def _write_json(stem: str, args, meta: dict, data: dict, qas) -> dict:
+    """``OUT/<stem>.json``: ``meta`` with the date and device, ``data``, and the question ids.
+    Returns the full ``meta``."""
     OUT.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "corpus": name, "tokens": tokens, "documents": documents, "questions": len(qas),
-            "date": time.strftime("%Y-%m-%d"), "device": _cpu(args.threads),
-            "command": f"python bench/streaming.py quality --articles {args.articles} --ratios {args.ratios} "
-                       f"--questions {args.questions}"}
-    (OUT / "quality.json").write_text(json.dumps({**meta, "build_s": build_s, "nll": nll,
-                                                  "ids": [qa.id for qa in qas]}, indent=1) + "\n", encoding="utf-8")
+    meta = {"model": args.model, **meta, "questions": len(qas), "date": time.strftime("%Y-%m-%d"),
+            "device": _cpu(args.threads)}
+    (OUT / f"{stem}.json").write_text(json.dumps({**meta, **data, "ids": [qa.id for qa in qas]}, indent=1) + "\n",
+                                      encoding="utf-8")
+    return meta
+
+
+def write_quality(name, tokens, documents, qas, nll, build_s, ratios, args) -> None:
+    meta = _write_json("quality", args, {
+        "corpus": name, "tokens": tokens, "documents": documents,
+        "command": f"python bench/streaming.py quality --articles {args.articles} --ratios {args.ratios} "
+                   f"--questions {args.questions}"}, {"build_s": build_s, "nll": nll}, qas)
     lines = ["# Streamed against whole compilation (issue 14)", "",
              f"{meta['model']}, {meta['device']}, {meta['date']}; SQuAD v2 dev articles {args.articles} as one "
              f"corpus ({tokens} tokens, {documents} documents), {len(qas)} questions spread over it. `full` is the "
@@ -326,6 +344,135 @@ def write_quality(name, tokens, documents, qas, nll, build_s, ratios, args) -> N
             lines.append(f"| {r:g} | {gw.format()} | {gs.format()} | {d.format(signed=True, digits=3)} | "
                          f"{build_s[f'whole@{r:g}']:.0f} / {build_s[f'streamed@{r:g}']:.0f} |")
     (OUT / "quality.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# -- passes: the stream scorer's first pass against the task-aware stream ---------------------
+
+PASSES = {  # name: BuildOptions overrides, and whether the build runs in the cut window
+    "whole": ({}, False),
+    "streamed": ({"stream": True, "stream_scorer": "none"}, True),  # the task-aware scorer on every chunk
+    "lagkv>task_aware": ({"stream": True}, True),  # the streamed default: --stream-scorer lagkv
+    # the final selection with a chained build's pool (documents competing, or each its share)
+    "lagkv>task_aware[pool41]": ({"stream": True, "scorer_params": {"pool": 41}}, True),
+    "lagkv>task_aware[pool41,document]": ({"stream": True, "scorer_params": {"pool": 41}, "budgets": "document"},
+                                          True),
+    "lagkv": ({"stream": True, "scorer": "lagkv"}, True),
+}
+
+
+def passes(args) -> int:
+    from functools import partial
+
+    from peers import corpus_of  # the peers benchmark's corpus and questions, so its cached answers match
+
+    from kvcompile.builder import _Compiler
+    from kvcompile.evaluation import answercache
+
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model, device="cpu", progress=False)
+    recipe = load_recipe("qa")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    prefilled = []  # tokens per forward of the build running
+    real_prefill = _Compiler.prefill
+    _Compiler.prefill = lambda self, ids, cache: (prefilled.append(ids.numel()), real_prefill(self, ids, cache))[1]
+    with tempfile.TemporaryDirectory(prefix="stream-p-") as tmp:
+        evalset, folder, qas, tk = corpus_of(args.corpus, args.questions, Path(tmp), lm, recipe)
+        log(f"{args.corpus}: {tk.total} tokens, {len(tk.doc_ids)} documents, {len(qas)} questions; "
+            f"window cut to {args.window} for the streamed builds")
+        cached = partial(answercache.cached, folder=answercache.default_folder(), lm=lm, framing=tk.framing)
+        context = tk.stream()
+        nll = {kind: [m.answer_nll(qa) for qa in qas] for kind, m in (
+            ("full", cached(partial(prefill_method, lm, tk.framing, context, "full", "full", 1.0), kind="full",
+                            context_ids=context)()),
+            ("none", cached(partial(prefill_method, lm, tk.framing, tk.prefix_ids, "none", "none", 0.0),
+                            kind="none", context_ids=tk.prefix_ids)()))}
+        window, builds = lm.max_positions, {}
+        for r in ratios:
+            for name, (overrides, cut) in PASSES.items():
+                if args.methods and name not in args.methods.split(","):
+                    continue
+                label = f"{name}@{r:g}"
+                path = Path(tmp) / f"{name}-{r:g}.kvpack"
+                lm.max_positions = args.window if cut else window
+                prefilled.clear()
+                t0 = time.perf_counter()
+                report = build([folder], path, lm, recipe, BuildOptions(ratio=r, **overrides))
+                seconds = time.perf_counter() - t0
+                lm.max_positions = window
+                session = kvcompile.load(path).session(lm)
+                nll[label] = [session.answer_nll(qa.question, qa.answers[0]) for qa in qas]
+                builds[label] = {"seconds": seconds, "forwards": len(prefilled), "tokens": sum(prefilled),
+                                 "streamed": report.streamed, "kept": report.kept_tokens / report.full_tokens}
+                log(f"  {label}: {seconds:.0f} s, {len(prefilled)} forwards of {sum(prefilled)} tokens, "
+                    f"gain kept {stats.gain_estimate(nll['none'], nll['full'], nll[label]).format()}")
+                del session
+                write_passes(args, evalset.name, tk, qas, nll, builds, ratios)
+    return 0
+
+
+def write_passes(args, name, tk, qas, nll, builds, ratios) -> None:
+    """Add this corpus to ``passes.json`` (runs of other corpora with the same model, window and
+    ratios stay; one of the same corpus is replaced) and write ``passes.md`` from all of them."""
+    path = OUT / "passes.json"
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    same = {k: runs.get(k) for k in ("model", "window", "ratios")} == {
+        "model": args.model, "window": args.window, "ratios": args.ratios}
+    corpora = runs.get("corpora", {}) if same else {}
+    ids = [qa.id for qa in qas]
+    old = corpora.get(args.corpus)
+    if old is not None and old["ids"] == ids:  # a run of some methods adds to (or replaces) the earlier run's
+        nll, builds = {**old["nll"], **nll}, {**old["builds"], **builds}
+    corpora[args.corpus] = {"name": name, "tokens": tk.total, "documents": len(tk.doc_ids), "builds": builds,
+                            "nll": nll, "ids": ids}
+    meta = {"model": args.model, "window": args.window, "ratios": args.ratios, "date": time.strftime("%Y-%m-%d"),
+            "device": _cpu(args.threads),
+            "command": " + ".join(f"python bench/streaming.py passes --corpus {c} --window {args.window} --ratios "
+                                  f"{args.ratios} --questions {len(run['ids'])}" for c, run in corpora.items())}
+    OUT.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**meta, "corpora": corpora}, indent=1) + "\n", encoding="utf-8")
+
+    def z(run, label):  # per-question linearised gain kept (stats.linearised_gain)
+        return stats.linearised_gain(run["nll"]["none"], run["nll"]["full"], run["nll"][label])
+
+    n_q = sum(len(run["ids"]) for run in corpora.values())
+    sizes = ", ".join(f"{c}: {run['tokens']} tokens, {run['documents']} documents" for c, run in corpora.items())
+    lines = ["# A first pass while streaming: LagKV, then the task prompt (issue 14)", "",
+             f"{args.model}, {meta['device']}, {meta['date']}; {len(corpora)} corpora "
+             f"({sizes}), "
+             f"{n_q} questions. The streamed builds ran with the model's window cut to {args.window} positions (so "
+             "every chunk is compiled after a compacted context the window bounds, a room of about a third of "
+             "these corpora); `whole` at the model's own window. `streamed`: the task-aware scorer on every chunk "
+             "alone (`--stream-scorer none`, the streamed default before); `lagkv>task_aware`: the streamed default "
+             "now (LagKV compresses the stream to the room, then one forward of the task prompt selects the budget "
+             "among its survivors, documents competing, with a whole build's pool of 5); `[pool41]`: that "
+             "selection with a chained build's pool of 41; `[document]`: each document keeps its share; `lagkv`: "
+             "LagKV alone. Every pack is queried "
+             "compacted, with the uncut window. Gain kept: the share of the full context's gold-answer NLL gain "
+             "over no context, ± standard error (delta method, pooled over corpora, each corpus normalised by its "
+             "own full-context gain); paired columns: per-question difference ± standard error. Build seconds and "
+             "tokens prefilled: summed over corpora, measured side by side on a shared 2-core machine. "
+             f"Reproduce: `{meta['command']}`.", "",
+             "| ratio | method | questions | gain kept | minus streamed (paired) | minus whole (paired) "
+             "| minus lagkv (paired) | build s | tokens prefilled |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in ratios:
+        for method in PASSES:
+            label = f"{method}@{r:g}"
+            runs_here = [run for run in corpora.values() if label in run["nll"]]
+            if not runs_here:
+                continue
+            g = stats.pooled(z(run, label) for run in runs_here)
+            cells = []
+            for other in ("streamed", "whole", "lagkv"):
+                ref = f"{other}@{r:g}"
+                both = [run for run in runs_here if ref in run["nll"]]
+                cells.append("–" if other == method or not both else stats.pooled(
+                    [a - b for a, b in zip(z(run, label), z(run, ref))] for run in both).format(signed=True))
+            seconds = sum(run["builds"][label]["seconds"] for run in runs_here)
+            tokens = sum(run["builds"][label]["tokens"] for run in runs_here)
+            lines.append(f"| {r:g} | {method} | {g.questions} | {g.format()} | {' | '.join(cells)} | {seconds:.0f} | "
+                         f"{tokens} |")
+    (OUT / "passes.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def main(argv=None) -> int:
@@ -357,11 +504,19 @@ def main(argv=None) -> int:
     q.add_argument("--questions", type=int, default=40)
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--fresh", action="store_true", help="Measure every variant again (default: reuse quality.json's).")
+    p = sub.add_parser("passes")
+    p.add_argument("--corpus", default="squad:8")
+    p.add_argument("--window", type=int, default=2048)
+    p.add_argument("--ratios", default="0.25,0.1")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--questions", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", default="", help="only these (comma-separated names); added to an earlier run")
     args = ap.parse_args(argv)
     if args.cmd == "one":
         args.json.write_text(json.dumps(one_size(args)), encoding="utf-8")
         return 0
-    return {"memory": memory, "chunk": chunk_memory, "quality": quality}[args.cmd](args)
+    return {"memory": memory, "chunk": chunk_memory, "quality": quality, "passes": passes}[args.cmd](args)
 
 
 if __name__ == "__main__":

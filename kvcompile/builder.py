@@ -66,6 +66,11 @@ class BuildOptions:
     budgets: str = AUTO  # how documents share the budget: "document", "corpus" (budgets.py); "auto": corpus if whole
     doc_floor: float = 0.1  # with corpus budgets: the share of its even budget a document keeps at least
     stream: bool | None = None  # compile at compacted positions (corpora beyond the window); None: if it does not fit
+    # A streamed build's first pass: this scorer compresses the stream (keeping what the window
+    # holds), then ``scorer`` makes the final selection over what it kept. "none": ``scorer``
+    # streams alone. "auto": lagkv for a scorer that reads the task prompt (measured better and
+    # twice as fast as asking the task prompt about every chunk: docs/methods.md section 2).
+    stream_scorer: str | None = AUTO
 
     def validate(self) -> None:
         if self.budget is None and self.ratio is None:
@@ -99,21 +104,38 @@ class BuildOptions:
             raise OptionError(f"stream must be true, false or unset (auto), got {self.stream!r}")
         if self.quant_outliers is not None and not 0 <= self.quant_outliers <= 1:
             raise OptionError(f"--quant-outliers must be a share in [0, 1], got {self.quant_outliers}")
+        if self.stream_scorer not in (None, AUTO, "none"):
+            make_scorer(self.stream_scorer)
 
     def resolved(self, fits: bool) -> BuildOptions:
         """The options with every automatic choice made, for a corpus that ``fits`` the window
         at its own positions or not: stream only when it does not; read it whole when it
-        fits, else chain the documents; share the budget across the corpus when read whole
-        (one selection decides it at no cost), else per document; and unless read whole,
-        give the scorer its defaults for that (``Scorer.apart``: no reconstruction, a wider
-        pool). Explicit choices stand."""
+        fits, else chain the documents; share the budget across the corpus when read whole or
+        selected after a stream scorer (one selection decides it at no cost), else per
+        document. Unless read whole, the scorer gets its defaults for that: after a stream
+        scorer, which leaves one selection over the whole stream, only the terms that need the
+        corpus repeated turned off (``Scorer.off``); otherwise ``Scorer.apart`` (also a wider
+        pool, for documents scored a chunk at a time). A stream scorer applies to streamed
+        chained builds only. Explicit choices stand."""
         stream = (not fits) if self.stream is None else self.stream
         context = self.context if self.context != AUTO else ("chained" if stream else "whole")
-        budgets = self.budgets if self.budgets != AUTO else ("corpus" if context == "whole" else "document")
+        stream_scorer = self.stream_scorer if stream else None  # a corpus that fits is read without a first pass
+        if stream_scorer == AUTO:
+            reads = self.scorer in SCORERS and SCORERS[self.scorer].reads_task_prompt
+            stream_scorer = "lagkv" if context == "chained" and reads else None
+        elif stream_scorer == "none":
+            stream_scorer = None
+        if stream_scorer is not None and context != "chained":
+            raise OptionError(f"--stream-scorer compresses one stream of the documents before the final selection; "
+                              f"--context {context} compiles each document alone: use --context chained")
+        selected_once = context == "whole" or stream_scorer is not None  # one final selection over the corpus
+        budgets = self.budgets if self.budgets != AUTO else ("corpus" if selected_once else "document")
         params = self.scorer_params
         if context != "whole" and self.scorer in SCORERS:
-            params = {**SCORERS[self.scorer].apart, **params}
-        options = replace(self, stream=stream, context=context, budgets=budgets, scorer_params=params)
+            scorer = SCORERS[self.scorer]
+            params = {**(scorer.off if stream_scorer is not None else scorer.apart), **params}
+        options = replace(self, stream=stream, context=context, budgets=budgets, scorer_params=params,
+                          stream_scorer=stream_scorer)
         if context != "whole" and options.make_scorer().reads_reconstruction:
             raise OptionError(f"the {self.scorer} scorer's reconstruction term repeats the whole corpus, which a "
                               f"{context} build does not read at once: use --context whole, or recon 0")
@@ -122,8 +144,9 @@ class BuildOptions:
     @property
     def surveyed(self) -> bool:
         """Whether documents' budgets come from a survey prefill before compiling (``corpus``
-        budgets; under ``whole`` context the compile's own selection decides them)."""
-        return self.budgets == "corpus" and self.context != "whole"
+        budgets; under ``whole`` context, or a stream scorer's final selection, the compile's
+        own selection decides them)."""
+        return self.budgets == "corpus" and self.context != "whole" and self.stream_scorer is None
 
     @property
     def outliers(self) -> float:
@@ -146,6 +169,13 @@ class BuildOptions:
         group = self.rvq_group if self.quant == "rvq" else self.quant_group
         return layer_codecs(self.quant, self.codec, head_dim, group, bits, self.outliers)
 
+    def first_pass(self) -> BuildOptions:
+        """The options of a streamed build's first pass (``stream_scorer``): that scorer, with its
+        defaults for a corpus not read whole, and no quantisation (what it keeps is selected
+        again, then quantised once)."""
+        return replace(self, scorer=self.stream_scorer, scorer_params=dict(SCORERS[self.stream_scorer].apart),
+                       stream_scorer=None, quant="none", layer_bits=None, quant_outliers=None)
+
     def make_scorer(self) -> Scorer:
         if self.scorer == "stride" and self.ratio is None:
             raise OptionError("the stride scorer keeps a share of the tokens: give --ratio, not --budget")
@@ -156,6 +186,8 @@ class BuildOptions:
         """Every option, with the scorer's resolved parameters (defaults included)."""
         d = asdict(self)
         d["scorer_params"] = self.make_scorer().params()
+        if self.stream_scorer not in (None, AUTO, "none"):
+            d["stream_scorer_params"] = self.first_pass().make_scorer().params()
         return d
 
     def key_json(self) -> dict:
@@ -168,9 +200,11 @@ class BuildOptions:
         d["scorer_params"] = {k: v for k, v in d["scorer_params"].items() if k not in off or off[k] != v}
         if not d["stream"]:
             del d["stream"]
+        if d["stream_scorer"] is None:
+            del d["stream_scorer"]
         if self.budgets == "document":
             del d["budgets"], d["doc_floor"]
-        elif self.context == "whole":
+        elif not self.surveyed:
             del d["doc_floor"]  # one selection over the corpus: no floor per document
         if self.quant == "none":
             del d["quant"], d["quant_group"], d["layer_bits"], d["quant_outliers"]
@@ -267,9 +301,10 @@ def check_fits(tk: Tokenized, options: BuildOptions, lm: LoadedModel) -> None:
     if lm.capability.absolute_positions:
         raise CorpusError(f"{lm.name} has absolute positions, which its KV holds: a streamed compile needs RoPE, "
                           f"so the corpus must fit its window of {window} (split it into several packs)")
-    if options.budgets == "corpus" or options.context == "whole":
+    if options.surveyed or options.context == "whole":
         what, fix = (("--context whole reads", "--context chained") if options.context == "whole"
-                     else ("--budgets corpus surveys", "--budgets document"))
+                     else ("--budgets corpus surveys", "--budgets document, or --stream-scorer lagkv (its final "
+                           "selection shares the budget)"))
         raise OptionError(f"{what} the whole corpus in one prefill, which a streamed compile avoids (the corpus needs "
                           f"{need} positions, {lm.name}'s window is {window}): use {fix}")
     room, framing = stream_room(tk, options, window), len(tk.prefix_ids)
@@ -304,17 +339,18 @@ def segment_keys(documents: list[Document], fingerprint: str, recipe: Recipe, op
     is not known yet, whose key then matches nothing). Under ``document`` budgets with
     ``--budget`` the per-document budget depends on the whole corpus's length, RVQ's
     codebooks on all of its rows, a streamed ``independent`` segment's room in the window
-    on its share of the corpus, and a ``whole`` segment's rows and selection on all of it,
-    so every key covers every document.
+    on its share of the corpus, and a ``whole`` segment's rows and selection on all of it
+    (and a stream scorer's final selection), so every key covers every document.
     """
+    if AUTO in (options.context, options.budgets, options.stream_scorer) or options.stream is None:
+        raise ValueError("segment keys need resolved options: BuildOptions.resolved")
     base = {"model": fingerprint, "recipe": recipe.source, "probes": list(recipe.probes),
             "options": options.key_json()}
-    if AUTO in (options.context, options.budgets) or options.stream is None:
-        raise ValueError("segment keys need resolved options: BuildOptions.resolved")
     if options.surveyed and budgets is None:
         raise ValueError("corpus budgets are part of the keys: pass them")
     if ((options.budgets == "document" and options.budget is not None) or options.quant == "rvq"
-            or (options.stream and options.context == "independent") or options.context == "whole"):
+            or (options.stream and options.context == "independent") or options.context == "whole"
+            or options.stream_scorer is not None):
         base["corpus"] = [d.sha256 for d in documents]
     keys, previous = [], ""
     for i, d in enumerate(documents):
@@ -326,6 +362,12 @@ def segment_keys(documents: list[Document], fingerprint: str, recipe: Recipe, op
         keys.append(previous)
     return keys
 
+
+# A streamed build's first pass keeps at most this many times the budget (less where the
+# window's room is smaller): the final selection has that much to choose from, and the
+# build's memory and time follow the budget, not a long window's room. Measured streams
+# had 1.2-3.1x (docs/methods.md section 2).
+FIRST_PASS_SHARE = 4
 
 # The most bytes of probe attention per scorer call, by device type. On a GPU every op is a
 # launch, so all layers go in one call; on a CPU a matrix that stays in cache is faster
@@ -387,11 +429,16 @@ class _Compiler:
         kv = RaggedKV.from_dense(keys[:, :, :n].reshape(heads, n, d), values[:, :, :n].reshape(heads, n, d), positions)
         return kv, keys[:, :, n:].reshape(heads, keys.shape[2] - n, d)
 
-    def score(self, candidates: RaggedKV, probe_keys: torch.Tensor, queries: torch.Tensor,
+    def score(self, candidates: RaggedKV, probe_keys: torch.Tensor | None, queries: torch.Tensor | None,
               chunk_start: int | None = None, reconstruction: torch.Tensor | None = None) -> torch.Tensor:
         """Scores ``[N]`` of stacked candidates (every layer, layer-major), as many heads per scorer
         call as keep the probe's attention matrix ``[heads, group x probe, candidates]`` under
-        :data:`SCORE_CALL_BYTES`. ``chunk_start``, ``reconstruction`` (``[N]``): see :class:`LayerView`."""
+        :data:`SCORE_CALL_BYTES`; ``queries`` ``None`` (a scorer that does not read the task
+        prompt): all heads in one call. ``chunk_start``, ``reconstruction`` (``[N]``): see
+        :class:`LayerView`."""
+        if queries is None:  # a scorer that does not read the task prompt: no attention matrix to bound
+            return self.scorer.score(LayerView(candidates, None, None, self.head_dim**-0.5, kv_heads=self.kv_heads,
+                                               chunk_start=chunk_start, reconstruction=reconstruction))
         heads = candidates.heads
         group = queries.shape[0] // heads
         n_probe = probe_keys.shape[1]
@@ -474,6 +521,8 @@ class _Compiler:
         that reads reconstruction)."""
         context = RaggedKV.cat([framing, seen]).split(self.layers)  # one copy, for every forward after the corpus
         recon = self.reconstruct(tk, framing, seen, context) if self.scorer.reads_reconstruction else None
+        if not self.scorer.reads_task_prompt:
+            return self.score(seen, None, None, reconstruction=recon)
         n_probe = self.probe.numel()
         cache = PackCache(context, start=tk.total, capture_queries=n_probe, capacity=n_probe)
         self.prefill(self.probe, cache)
@@ -487,7 +536,8 @@ class _Compiler:
 
     def select_corpus(self, tk: Tokenized, seen: RaggedKV, scores: torch.Tensor, ratio: float,
                       budgets: Sequence[int] | None = None) -> torch.Tensor:
-        """Which rows of ``seen`` (every corpus token, :meth:`read_corpus`) are kept: bool ``[N]``.
+        """Which rows of ``seen`` (corpus rows at their corpus positions, every layer stacked:
+        every token from :meth:`read_corpus`, or a first pass's survivors) are kept: bool ``[N]``.
 
         One selection over the corpus, ``ratio`` of it per layer (documents compete), or with
         ``budgets`` (tokens per KV head, per document) one per document, each among its own rows.
@@ -500,7 +550,8 @@ class _Compiler:
         keep, start = torch.zeros_like(protected), n_prefix
         for ids, budget in zip(tk.doc_ids, budgets):
             rows = (seen.positions >= start) & (seen.positions < start + len(ids))
-            doc = seen.take(rows, [len(ids)] * seen.heads)  # every token is there, in every head
+            counts = seen.head_counts(rows)
+            doc = seen.take(rows, counts.tolist(), counts)
             keep[rows] = select(scores[rows], doc, self.kv_heads * budget, protected[rows], o.head_floor,
                                 self.layers)
             start += len(ids)
@@ -539,10 +590,17 @@ class _Compiler:
         Returns the segments as stored (positions relative to each document's start).
         """
         seen = self.read_corpus(tk, framing, progress)
-        keep = self.select_corpus(tk, seen, self.score_corpus(tk, framing, seen), corpus_ratio(tk, self.options),
-                                  budgets)
+        ratio = corpus_ratio(tk, self.options)
+        if keeps_everything(tk, ratio, budgets):  # nothing to choose: spare the scoring forwards
+            keep = torch.ones(seen.rows, dtype=torch.bool, device=self.device)
+        else:
+            keep = self.select_corpus(tk, seen, self.score_corpus(tk, framing, seen), ratio, budgets)
         kept = seen.where(keep)
-        kept = self.stored(self.unrotated(kept, kept.positions))
+        return self.cut(tk, self.stored(self.unrotated(kept, kept.positions)))
+
+    def cut(self, tk: Tokenized, kept: RaggedKV) -> list[RaggedKV]:
+        """Kept rows of the whole corpus (as stored, at corpus positions, every layer stacked) cut
+        into one segment per document, positions relative to each document's start."""
         docs = len(tk.doc_ids)
         doc = self.document_of(tk, kept.positions)
         counts = torch.bincount(doc * kept.heads + kept.head_ids(), minlength=docs * kept.heads).view(docs, -1)
@@ -556,7 +614,10 @@ class _Compiler:
     def compacted(self, parts: Sequence[RaggedKV]) -> RaggedKV:
         """Stored parts (layers stacked) placed one after another at compacted positions: each
         head's rows at ``0, 1, ...`` in order, as a pack is loaded with ``--positions compact``."""
-        kv = RaggedKV.cat([p.to(self.device, self.dtype) for p in parts])  # reused segments come as stored
+        # Joined as stored (fp16 by default; reused segments come so too), then widened once: a
+        # streamed compile's context is the window's room, and a copy of it per part would double it.
+        stored = parts[0].keys.dtype
+        kv = RaggedKV.cat([p.to(self.device, stored) for p in parts])
         return self.attendable(kv.replace(positions=within_heads(kv.lengths, self.device)), 0)
 
     @torch.no_grad()
@@ -603,7 +664,7 @@ class _Compiler:
             n, end = chunk.numel(), start + chunk.numel()
             budget = layer_budget(target, end, len(ids), self.kv_heads)
             select_now = full or budget < kept.rows // self.layers + self.kv_heads * n
-            n_probe = self.probe.numel() if select_now else 0
+            n_probe = self.probe.numel() if select_now and self.scorer.reads_task_prompt else 0
             x = torch.cat([chunk, self.probe]) if n_probe else chunk
             cache = PackCache(RaggedKV.cat([ctx, attended]).split(self.layers), start=at, capture_queries=n_probe,
                               capacity=x.numel(), transient=True)
@@ -614,7 +675,7 @@ class _Compiler:
             del cache  # and with it the concatenated context: scoring needs only the kept rows and the chunk
             here = torch.arange(origin + start, origin + end, device=device).repeat(chunk_kv.heads)
             candidates = RaggedKV.cat([kept, self.unrotated(chunk_kv, here)])  # as stored
-            if n_probe:  # queries: [layers x q_heads, probe, D]
+            if select_now:  # queries: [layers x q_heads, probe, D], or None without a task prompt
                 view, protected = RaggedKV.cat([attended, chunk_kv]), candidates.positions - origin < protect
                 if any(frozen):  # a recursive scorer judges only what it has not judged and kept before
                     is_frozen = within_heads(candidates.lengths, device) < torch.repeat_interleave(
@@ -640,11 +701,107 @@ class _Compiler:
             start = end
         return self.stored(kept).shifted(-origin)
 
+    def documents(self, tk: Tokenized, framing: RaggedKV, framing_ctx: RaggedKV, budgets: Sequence[int], progress,
+                  reused: dict[int, RaggedKV]) -> list[RaggedKV]:
+        """Compile every document into a segment, one after another (``independent`` or
+        ``chained``, streamed or not: :meth:`segment`), or take it from ``reused`` (by document
+        index). ``framing``: as stored; ``framing_ctx``: attendable. Returns the segments as
+        stored (positions relative to each document's start)."""
+        o, n_prefix, starts = self.options, len(tk.prefix_ids), document_starts(tk)
+        room = stream_room(tk, o, self.lm.max_positions) if o.stream else None
+        independent = o.context == "independent"
+        segments: list[RaggedKV] = []
+        chained = [framing_ctx]  # the framing, then each placed segment (at its own positions)
+        done = n_prefix
+        for d, ids in enumerate(tk.doc_ids):
+            if d in reused:
+                seg = reused[d]
+            else:
+                origin = n_prefix if independent else starts[d]
+                context = None  # a streamed compile's previous context goes before the next is compacted
+                if independent:
+                    context = [framing_ctx]
+                else:
+                    context = [self.compacted([framing, *segments])] if o.stream else chained
+                doc_room = room
+                if room is not None and independent:  # segments meet only at load: each gets its share of the room
+                    doc_room = n_prefix + (room - n_prefix) * len(ids) // tk.corpus_tokens
+                report = (lambda n, done=done, d=d: progress(done + n, d)) if progress else None
+                seg = self.segment(ids, origin, context, budgets[d], o.sinks - starts[d], report, doc_room)
+            segments.append(seg)
+            done += len(ids)
+            if progress is not None:
+                progress(done, d + 1)
+            if not independent and not o.stream:
+                chained.append(self.attendable(seg, starts[d]))
+        return segments
+
+    @torch.no_grad()
+    def reselect(self, tk: Tokenized, framing: RaggedKV, framing_ctx: RaggedKV, budgets: Sequence[int],
+                 progress=None) -> list[RaggedKV]:
+        """A streamed compile in two passes (``stream_scorer``): the stream scorer compresses the
+        chained stream (:meth:`documents`, recursively for LagKV) to what the window holds, but
+        no more than :data:`FIRST_PASS_SHARE` times the budget, each document keeping the same
+        share; then the task prompt follows those survivors, compacted, and the build's scorer
+        selects the budget among them (:meth:`select_corpus`: corpus-wide, or ``budgets`` per
+        document). An attention-free first pass forwards no task prompt per
+        chunk, and the final selection sees the whole stream at once.
+        Returns the segments as stored (positions relative to each document's start).
+        """
+        o, n_prefix = self.options, len(tk.prefix_ids)
+        first = _Compiler(tk, o.first_pass(), self.lm)
+        lengths = [len(ids) for ids in tk.doc_ids]
+        room = stream_room(tk, o, self.lm.max_positions) - n_prefix - len(lengths)  # rounding: a row per document
+        ratio = corpus_ratio(tk, o)
+        share = min(1.0, max(ratio, min(room / tk.corpus_tokens, FIRST_PASS_SHARE * ratio)))
+        drafts = first.documents(tk, framing, framing_ctx, document_budgets(lengths, share), progress, {})
+        for part, seconds in first.seconds.items():
+            self.seconds[part] += seconds
+        starts = document_starts(tk)
+        drafted = RaggedKV.cat([seg.shifted(start) for seg, start in zip(drafts, starts)])  # at corpus positions
+        whole = budgets if o.budgets == "document" else None
+        if keeps_everything(tk, ratio, whole):
+            return [self.stored(seg) for seg in drafts]
+        # Copies of a room-sized context are the peak memory: each goes as soon as it is used,
+        # and the survivors are scored a layer at a time.
+        placed = self.compacted([framing, *drafts])  # the framing's rows first in every head
+        del drafts
+        layers = placed.split(self.layers)
+        probe_keys = queries = None
+        t0 = time.perf_counter()
+        if self.scorer.reads_task_prompt:
+            n_probe = self.probe.numel()
+            cache = PackCache(layers, start=max(placed.lengths), capture_queries=n_probe, capacity=n_probe,
+                              transient=True)
+            self.prefill(self.probe, cache)
+            t0 = time.perf_counter()
+            probe_keys = torch.stack([layer.new_keys[0] for layer in cache.layers]).flatten(0, 1)
+            queries = torch.cat([layer.queries[0] for layer in cache.layers])
+            del cache
+        h, q = self.kv_heads, (0 if queries is None else queries.shape[0] // self.layers)
+        scores = torch.cat([
+            self.score(layer.where(within_heads(layer.lengths, self.device) >= n_prefix),
+                       None if probe_keys is None else probe_keys[li * h : (li + 1) * h],
+                       None if queries is None else queries[li * q : (li + 1) * q])
+            for li, layer in enumerate(layers)])
+        del placed, layers
+        keep = self.select_corpus(tk, drafted, scores, ratio, whole)
+        self.seconds["score"] += time.perf_counter() - t0
+        return self.cut(tk, self.stored(drafted.where(keep)))
+
 
 def corpus_ratio(tk: Tokenized, options: BuildOptions) -> float:
     """The share of the corpus kept: ``budget`` over the cache's tokens (it overrides the ratio,
     as :func:`target_tokens` has it), else ``ratio``."""
     return options.ratio if options.budget is None else min(1.0, options.budget / tk.total)
+
+
+def keeps_everything(tk: Tokenized, ratio: float, budgets: Sequence[int] | None) -> bool:
+    """Whether a selection at ``ratio`` (or with per-document ``budgets``, tokens per KV head)
+    keeps every corpus token, so that scoring cannot change what is kept."""
+    if budgets is None:
+        return round(ratio * tk.corpus_tokens) >= tk.corpus_tokens
+    return all(b >= len(ids) for b, ids in zip(budgets, tk.doc_ids, strict=True))
 
 
 @torch.no_grad()
@@ -685,49 +842,31 @@ def compile_corpus(tk: Tokenized, options: BuildOptions, lm: LoadedModel, budget
 
 def _compile(c: _Compiler, tk: Tokenized, options: BuildOptions, budgets: list[int], progress,
              reused: dict[int, RaggedKV]) -> Compiled:
-    n_prefix = len(tk.prefix_ids)
-    starts = [n_prefix]
-    for ids in tk.doc_ids:
-        starts.append(starts[-1] + len(ids))
     framing, framing_ctx = c.framing(tk)
-    if options.context == "whole":  # its keys cover the corpus: every segment is reused, or none
+    starts = document_starts(tk)
+    if options.context == "whole" or options.stream_scorer is not None:
+        # Their keys cover the corpus (a selection over all of it): every segment is reused, or none.
         if len(reused) == len(tk.doc_ids):
             segments = [reused[d] for d in range(len(tk.doc_ids))]
-        else:
-            report = (lambda n: progress(n_prefix + n, 0)) if progress else None
+        elif options.context == "whole":
+            report = (lambda n: progress(len(tk.prefix_ids) + n, 0)) if progress else None
             segments = c.whole(tk, framing_ctx, budgets if options.budgets == "document" else None, report)
+        else:
+            segments = c.reselect(tk, framing, framing_ctx, budgets, progress)
         budgets = [round(seg.rows / (c.layers * c.kv_heads)) for seg in segments]  # what each kept, per head
         if progress is not None:
             progress(tk.total, len(tk.doc_ids))
-        return _assemble(c, tk, framing, segments, starts, budgets)
-    room = stream_room(tk, options, c.lm.max_positions) if options.stream else None
-    independent = options.context == "independent"
-
-    segments: list[RaggedKV] = []
-    chained = [framing_ctx]  # the framing, then each placed segment (at its own positions)
-    done = n_prefix
-    for d, ids in enumerate(tk.doc_ids):
-        if d in reused:
-            seg = reused[d]
-        else:
-            origin = n_prefix if independent else starts[d]
-            if independent:
-                context = [framing_ctx]
-            else:
-                context = [c.compacted([framing, *segments])] if options.stream else chained
-            doc_room = room
-            if room is not None and independent:  # segments meet only at load: each gets its share of the room
-                doc_room = n_prefix + (room - n_prefix) * len(ids) // tk.corpus_tokens
-            report = (lambda n, done=done, d=d: progress(done + n, d)) if progress else None
-            seg = c.segment(ids, origin, context, budgets[d], options.sinks - starts[d], report, doc_room)
-        segments.append(seg)
-        done += len(ids)
-        if progress is not None:
-            progress(done, d + 1)
-        if not independent and not options.stream:
-            chained.append(c.attendable(seg, starts[d]))
-
+    else:
+        segments = c.documents(tk, framing, framing_ctx, budgets, progress, reused)
     return _assemble(c, tk, framing, segments, starts, budgets)
+
+
+def document_starts(tk: Tokenized) -> list[int]:
+    """Each document's first position in the cache, then the end of the corpus."""
+    starts = [len(tk.prefix_ids)]
+    for ids in tk.doc_ids:
+        starts.append(starts[-1] + len(ids))
+    return starts
 
 
 def _assemble(c: _Compiler, tk: Tokenized, framing: RaggedKV, segments: list[RaggedKV], starts: list[int],

@@ -86,6 +86,7 @@ def build(
     recon: Optional[float] = typer.Option(None, "--recon", help="Task-aware scorer, --context whole: the weight in [0, 1] of reconstruction (what the model attends to when it repeats the corpus, KVzip) against the task prompt's attention (default 0.5; 0: off, one forward of the corpus less)."),
     context: str = typer.Option("auto", "--context", help="auto (default): whole when the corpus fits the model's window, else chained (streamed). chained: each document compiled after what was kept of the documents before it (an edit recompiles from there on); independent: after the framing alone (an edit recompiles that document only; lower quality, see docs/nightly.md); whole: one prefill of the whole corpus and one repeat of it (--recon), selected at once and cut into documents (rows as the full context has them; an edit recompiles every document)."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Compile chunk by chunk after the compacted kept tokens, so that a corpus longer than the model's window fits in bounded memory (default: only when the corpus does not fit)."),
+    stream_scorer: str = typer.Option("auto", "--stream-scorer", help="When the build streams: compress the stream with this scorer first (lagkv: attention-free and recursive, no task prompt per chunk), keeping what the window holds; --scorer then selects the budget among those survivors at once (an edit recompiles every document). auto (default): lagkv when --scorer reads the task prompt and the build is chained; none: --scorer scores every chunk itself (an edit recompiles from that document on). Ignored when the corpus fits the window (read whole)."),
     budgets: str = typer.Option("auto", "--budgets", help="auto (default): corpus under --context whole, else document. document: every document keeps the same share of its tokens; corpus: documents compete for the budget, as one selection over the whole corpus with the task prompt decides (chained or independent: a survey prefill first, and an edit also recompiles documents whose budget moves)."),
     reuse: Optional[Path] = typer.Option(None, "--reuse", help="Reuse unchanged segments of this pack (default: the existing --output)."),
     check: bool = typer.Option(False, "--check", help="Exit 0 if the pack is up to date, 1 (listing what is stale) if not; builds nothing, loads no model weights."),
@@ -137,6 +138,7 @@ def build(
                                   "has none: drop --recon")
             options.scorer_params = {"recon": recon}
         options.context, options.budgets, options.stream = context, budgets, stream
+        options.stream_scorer = stream_scorer
         options.validate()  # bad codec and quant names fail before a model is loaded
         options.make_scorer()
         options.resolved(fits=True)  # an explicit context that cannot read reconstruction, too
@@ -392,11 +394,13 @@ def inspect(
         o = h["options"]
         budget = f"budget {o['budget']}" if o["budget"] is not None else f"ratio {o['ratio']}"
         if o["selection"].get("budgets") == "corpus":
-            budget += (" shared by the corpus (one selection)" if o["context"] == "whole"
+            budget += (" shared by the corpus (one selection)" if o["context"] == "whole" or "stream_scorer" in o
                        else f" shared by the corpus (floor {_show(o['selection'].get('doc_floor'))})")
         recon = o["scorer"].get("recon")
         scorer = _show(o["scorer"]["name"]) + (f" with reconstruction {recon:g}" if isinstance(recon, (int, float))
                                                and recon > 0 else "")
+        if "stream_scorer" in o:
+            scorer = f"{_show(o['stream_scorer']['name'])} while streaming, then {scorer} over what it kept"
         out.print(f"recipe    {_show(h['recipe']['name'])} ({len(h['recipe']['probes'])} probes); {budget}, "
                   f"scorer {scorer}, codec {_show(o['codec']['name'])}, chunk {o['chunk_size']}, "
                   f"context {_show(o['context'])}",

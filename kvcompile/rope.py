@@ -154,13 +154,26 @@ def rotaries(model: torch.nn.Module) -> list[Rotary | None]:
     return out
 
 
+# Rows rotated per call. A rotation makes cos, sin and their products, each as large as the
+# keys: over a streamed compile's whole context (the window's room in every layer and head)
+# that was several times the context itself, the build's peak memory.
+ROTATE_ROWS = 1 << 16
+
+
 def _by_layer(kv: RaggedKV, per_layer: Sequence[Rotary | None], undo: bool) -> torch.Tensor:
     """The keys of ``kv`` (``len(per_layer)`` layers stacked, :meth:`RaggedKV.stack`) rotated,
-    or un-rotated, by each layer's rotary: one call when every layer shares one."""
+    or un-rotated, by each layer's rotary: one call when every layer shares one, in blocks of
+    :data:`ROTATE_ROWS` rows (the same values: RoPE is per row)."""
     def turn(rotary: Rotary | None, part: RaggedKV) -> torch.Tensor:
         if rotary is None:
             return part.keys
-        return rotary.undo(part.keys, part.positions) if undo else rotary.apply(part.keys, part.positions)
+        f = rotary.undo if undo else rotary.apply
+        if part.rows <= ROTATE_ROWS:
+            return f(part.keys, part.positions)
+        out = torch.empty_like(part.keys)
+        for a in range(0, part.rows, ROTATE_ROWS):
+            out[a : a + ROTATE_ROWS] = f(part.keys[a : a + ROTATE_ROWS], part.positions[a : a + ROTATE_ROWS])
+        return out
 
     if all(r is per_layer[0] for r in per_layer):
         return turn(per_layer[0], kv)

@@ -342,7 +342,9 @@ HEADER = Obj({
         "auto_probes": Int(1, 4096),  # build --auto-probes N
         "quant": Obj({"name": Str(max_len=64)}, extra=SCALAR),  # build --quant (format 1.2), when not none
         "stream": Bool(),  # build --stream (format 1.3): compiled at compacted positions
-    }, optional=frozenset({"auto_probes", "quant", "stream"})),
+        # build --stream-scorer (format 1.5): the first pass's scorer; "scorer" made the final selection
+        "stream_scorer": Obj({"name": Str(max_len=64)}, extra=SCALAR),
+    }, optional=frozenset({"auto_probes", "quant", "stream", "stream_scorer"})),
     "framing": Obj({
         "template": Str(choices=("chat", "plain")),
         "prefix_ids": List(Int(), max_len=1 << 20),

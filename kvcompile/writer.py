@@ -116,6 +116,9 @@ def pack_tensors_and_header(
                                       **(KVMIX if options.quant == "kvmix" else {}), "outliers": options.outliers}
     if options.stream:
         header["options"]["stream"] = True
+    if options.stream_scorer is not None:
+        header["options"]["stream_scorer"] = {"name": options.stream_scorer,
+                                              **options.first_pass().make_scorer().params()}
     if auto_probes is not None:
         header["recipe"]["auto_probes"] = auto_probes.to_json()
         header["options"]["auto_probes"] = auto_probes.n

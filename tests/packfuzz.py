@@ -328,6 +328,7 @@ class Harness:
                                scorer=h["options"]["scorer"]["name"], codec=h["options"]["codec"]["name"])
         options.context, options.stream = h["options"]["context"], bool(h["options"].get("stream"))
         options.budgets = h["options"]["selection"]["budgets"]
+        options.stream_scorer = h["options"].get("stream_scorer", {}).get("name")
         self.fingerprint = h["model"]["fingerprint"]
         self.keys = segment_keys(self.documents, self.fingerprint, load_recipe(h["recipe"]["name"]), options)
         assert self.keys == [s["key"] for s in h["segments"]], "the harness must reproduce the pack's keys"

@@ -85,7 +85,7 @@ def test_inspect_text(cli_pack, tiny_model_dir):
     out, _ = cli_pack
     result = invoke("inspect", out)
     assert result.exit_code == 0, result.output
-    assert "kvpack 1.4" in result.stdout
+    assert "kvpack 1.5" in result.stdout
     assert str(tiny_model_dir) in result.stdout
     assert "billing.txt" in result.stdout and "support.txt" in result.stdout
     assert "recipe    qa" in result.stdout
@@ -113,7 +113,7 @@ def test_inspect_json(cli_pack):
     assert info["kept_share"] == pytest.approx(0.5, abs=0.03)  # half of each document, and the framing whole
     assert info["bytes"]["file"] == out.stat().st_size
     assert info["bytes"]["full_fp16"] == 2 * layers * kv_heads * tokens * head_dim * 2
-    assert len(info["documents"]) == 5 and info["recipe"] == "qa" and info["version"] == [1, 4]
+    assert len(info["documents"]) == 5 and info["recipe"] == "qa" and info["version"] == [1, 5]
 
 
 def test_query_json(cli_pack):

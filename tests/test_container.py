@@ -100,7 +100,7 @@ def test_safe_open_lists_every_tensor_and_the_kvpack_header(tiny_pack):
     assert set(meta) == {"kvpack", "kvpack_sha256"}
     header = json.loads(meta["kvpack"])
     assert header["format"] == "kvpack"
-    assert header["version"] == [1, 4]
+    assert header["version"] == [1, 5]
     assert header == pack.header
     # safetensors reads the same tensors the pack decodes.
     for li in range(layers):

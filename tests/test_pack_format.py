@@ -90,7 +90,7 @@ def test_json_table_is_canonical_and_padded(tiny_pack):
 def test_header_describes_the_model_and_options(pack, tiny_lm):
     h = pack.header
     cfg = tiny_lm.config
-    assert h["format"] == "kvpack" and h["version"] == list(FORMAT_VERSION) == [1, 4]
+    assert h["format"] == "kvpack" and h["version"] == list(FORMAT_VERSION) == [1, 5]
     m = h["model"]
     assert m["fingerprint"] == tiny_lm.fingerprint
     assert (m["num_layers"], m["num_heads"], m["num_kv_heads"], m["head_dim"]) == (2, 4, 2, 16)

@@ -107,3 +107,24 @@ def test_cli_query_and_eval_take_positions(tiny_model_dir, tiny_pack, tiny_corpu
     assert "kvcompile@0.5" in names and "kvcompile[original]@0.5" in names
     compared = {c["method"]: c["reference"] for c in json.loads(evaluated.stdout)["comparisons"]}
     assert compared["kvcompile[original]@0.5"] == "kvcompile@0.5"
+
+
+def test_keys_are_rotated_in_blocks_to_the_same_values(tiny_lm, monkeypatch):
+    """A room-sized context is rotated a block of rows at a time (bounded memory), bit for bit
+    as in one call, and back."""
+    from kvcompile import rope
+    from kvcompile.ragged import RaggedKV
+
+    cap = tiny_lm.capability
+    heads, d = cap.num_layers * cap.num_kv_heads, cap.head_dim
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(n) for n in torch.randint(0, 40, (heads,), generator=g)]
+    rows = sum(lengths)
+    kv = RaggedKV.from_rows(torch.randn(rows, d, generator=g), torch.randn(rows, d, generator=g),
+                            torch.randint(0, 500, (rows,), generator=g), lengths)
+    per_layer = rotaries(tiny_lm.model)
+    whole = rope.place(kv, per_layer, "cpu", torch.float32)
+    monkeypatch.setattr(rope, "ROTATE_ROWS", 7)
+    blocks = rope.place(kv, per_layer, "cpu", torch.float32)
+    assert torch.equal(blocks.keys, whole.keys) and not torch.equal(blocks.keys, kv.keys)
+    torch.testing.assert_close(rope.unrotate(blocks, per_layer), kv.keys, rtol=1e-5, atol=1e-5)

@@ -69,7 +69,7 @@ def test_the_reader_imports_no_compiler(tiny_pack, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert result["rows"] == sum(kvcompile.load(tiny_pack).kept[0]) and result["documents"] == 5
-    assert "kvpack 1.4" in result["inspect"]
+    assert "kvpack 1.5" in result["inspect"]
     assert result["finite"] and result["answer"] >= 0
     assert result["after_load"] == result["after_inspect"] == result["after_query"] == []
 

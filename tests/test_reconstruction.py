@@ -85,13 +85,16 @@ def test_the_task_aware_score_blends_each_heads_normalised_terms():
 
 def test_only_a_whole_build_reads_reconstruction():
     """``auto`` gives builds that do not read the corpus whole the scorer's defaults for that
-    (no reconstruction, pool 41), recorded as used; explicit choices stand, and an explicit
-    reconstruction term there is refused."""
+    (no reconstruction, pool 41; after a stream scorer, no reconstruction only), recorded as
+    used; explicit choices stand, and an explicit reconstruction term there is refused."""
     whole = BuildOptions().resolved(fits=True)
     assert whole.context == "whole" and whole.make_scorer().params() == {
         "value_norm": True, "pool": 5, "row_norm": True, "recon": 0.5}
     assert whole.key_json()["scorer_params"]["recon"] == 0.5
-    chained = BuildOptions().resolved(fits=False)
+    streamed = BuildOptions().resolved(fits=False)
+    assert streamed.stream_scorer == "lagkv" and streamed.make_scorer().params() == {
+        "value_norm": True, "pool": 5, "row_norm": True, "recon": 0.0}
+    chained = BuildOptions(stream_scorer="none").resolved(fits=False)
     assert chained.context == "chained"
     assert chained.make_scorer().recon == 0.0 and chained.make_scorer().pool == 41
     assert chained.to_json()["scorer_params"] == {"value_norm": True, "pool": 41, "row_norm": True, "recon": 0.0}
@@ -145,6 +148,24 @@ def test_a_whole_build_reads_the_corpus_repeated(tiny_lm, tiny_corpus, tmp_path,
     assert calls[-1][1].shape == scores.shape and bool((calls[-1][1] > 0).all())
     repeats = [n for start, n in forwards if start == tk.total][:-1]  # the last is the task prompt
     assert len(repeats) > 1 and tk.total + max(repeats) <= tiny_lm.max_positions
+
+
+def test_a_whole_build_that_keeps_everything_scores_nothing(tiny_lm, tiny_corpus, tmp_path, monkeypatch):
+    """At ratio 1 the selection cannot depend on scores: neither the repeat nor the task prompt
+    is run, and every corpus token is stored in every head."""
+    from kvcompile import builder
+
+    def refuse(*args):
+        raise AssertionError("scored a corpus whose every token is kept")
+
+    monkeypatch.setattr(builder._Compiler, "score_corpus", refuse)
+    build([tiny_corpus], tmp_path / "all.kvpack", tiny_lm, QA, BuildOptions(ratio=1.0))
+    tk = tokenize(read_corpus([tiny_corpus])[0], QA, tiny_lm)
+    pack = load(tmp_path / "all.kvpack")
+    assert all(int(p.numel()) == tiny_lm.capability.num_kv_heads * (tk.corpus_tokens + len(tk.prefix_ids))
+               for p in pack.positions)
+    with pytest.raises(AssertionError, match="scored"):
+        build([tiny_corpus], tmp_path / "most.kvpack", tiny_lm, QA, BuildOptions(ratio=0.99))
 
 
 @pytest.mark.parametrize("args,message", [

@@ -51,17 +51,25 @@ def _snapkv_direct(view: LayerView, pool: int) -> torch.Tensor:
 def _lagkv_direct(view: LayerView, lag: int, eps: float) -> torch.Tensor:
     """Per KV head and partition, in float64, as methods.md section 2 words it."""
     c, out = view.candidates, []
+
+    def spread(rows, here, ref):
+        total = torch.zeros(here.stop - here.start, dtype=torch.float64)
+        for z in (rows.keys.double(), rows.values.double()):
+            lo, hi = z[ref].min(dim=0).values, z[ref].max(dim=0).values
+            normed = (z[here] - lo) / (hi - lo + eps)
+            total += torch.softmax(normed.std(dim=1, unbiased=False), dim=0)
+        return total
+
     for part in c.split(c.heads):
         n = part.rows
-        s = torch.full((n,), WINDOW_SCORE, dtype=torch.float64)
-        for p in range(n // lag - 1):  # partitions that have a full next partition
-            here, ref = slice(p * lag, (p + 1) * lag), slice((p + 1) * lag, (p + 2) * lag)
-            total = torch.zeros(lag, dtype=torch.float64)
-            for z in (part.keys.double(), part.values.double()):
-                lo, hi = z[ref].min(dim=0).values, z[ref].max(dim=0).values
-                normed = (z[here] - lo) / (hi - lo + eps)
-                total += torch.softmax(normed.std(dim=1, unbiased=False), dim=0)
-            s[here] = total
+        s = torch.zeros(n, dtype=torch.float64)
+        judged = max(0, n // lag - 1) * lag  # partitions that have a full next partition
+        for start in range(0, n, lag):
+            here = slice(start, min(start + lag, n))
+            if start < judged:
+                s[here] = spread(part, here, slice(start + lag, start + 2 * lag))
+            else:  # the window: first, ordered by the spread against its own partition
+                s[here] = WINDOW_SCORE + spread(part, here, here)
         out.append(s)
     return torch.cat(out)
 
@@ -83,7 +91,8 @@ def test_lagkv_equals_the_direct_formula(lengths, lag):
     # The window (last full partition and the remainder) is kept first.
     for h, s in enumerate(got.split(list(lengths))):
         n = lengths[h]
-        assert (s[max(0, (n // lag - 1) * lag):] == WINDOW_SCORE).all()
+        window, judged = s[max(0, (n // lag - 1) * lag):], s[: max(0, (n // lag - 1) * lag)]
+        assert (window >= WINDOW_SCORE).all() and (judged < WINDOW_SCORE).all()
 
 
 def test_lagkv_constant_channels_stay_finite():
@@ -145,3 +154,14 @@ def test_a_scorer_sees_each_heads_layer_and_the_chunk_boundary(tiny_lm, tiny_cor
     assert later, "a document longer than a chunk has survivors"
     for survivors, positions, start in later:
         assert torch.equal(survivors, positions < start) and (positions[~survivors] >= start).all()
+
+
+def test_lagkv_ranks_its_window_by_content_not_position():
+    """Candidates shorter than two partitions are all window: kept before anything judged, and a
+    budget that cannot hold them all keeps the tokens that spread most in their own partition."""
+    view = _view((12,), seed=7)
+    c = view.candidates
+    keys = c.keys.clone()
+    keys[9] = torch.linspace(-20, 20, D)
+    got = make_scorer("lagkv", lag=16).score(LayerView(c.replace(keys=keys), None, None, 1.0))
+    assert (got >= WINDOW_SCORE).all() and int(got.argmax()) == 9

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import kvcompile
 from kvcompile.builder import BuildOptions, _Compiler, tokenize
 from kvcompile.cli import app
+from kvcompile.corpus import read_corpus
 from kvcompile.errors import CorpusError, OptionError, PackError
 from kvcompile.models import load_model, make_tiny_model
 from kvcompile.pipeline import build
@@ -84,12 +85,13 @@ def test_a_corpus_ten_times_the_window_compiles_within_it_and_answers(small_lm, 
 
 
 def test_the_longest_context_does_not_grow_with_the_corpus(small_lm, tmp_path, forwards):
-    """The memory bound, counted: a corpus 10x the window needs no larger forward than one that fits."""
+    """The memory bound, counted: a corpus 10x the window needs no larger forward than one that
+    fits (the task-aware scorer streaming alone; the first pass of a stream scorer: below)."""
     sizes = {}
     for name, words in (("one", 60), ("ten", 1300)):
         forwards.clear()
         build([corpus(tmp_path / name, 4, words)], tmp_path / f"{name}.kvpack", small_lm, load_recipe("qa"),
-              BuildOptions(ratio=0.02, chunk_size=CHUNK, codec="fp32", stream=True))
+              BuildOptions(ratio=0.02, chunk_size=CHUNK, codec="fp32", stream=True, stream_scorer="none"))
         sizes[name] = max(prefix for _, prefix in forwards), max(end for end, _ in forwards)
     assert sizes["ten"][1] <= WINDOW and sizes["ten"][0] <= room(small_lm, kvcompile.load(tmp_path / "ten.kvpack"))
     assert sizes["ten"][0] > sizes["one"][0]  # the longer corpus does fill its room, and no more
@@ -141,9 +143,9 @@ def test_what_streaming_cannot_do_is_refused_in_one_line(small_lm, tmp_path):
     recipe = load_recipe("qa")
     with pytest.raises(CorpusError, match="build with --stream"):
         build([docs], tmp_path / "p.kvpack", small_lm, recipe, BuildOptions(ratio=0.02, chunk_size=CHUNK, stream=False))
-    with pytest.raises(OptionError, match="streamed compile avoids .*: use --budgets document"):
+    with pytest.raises(OptionError, match="streamed compile avoids .*: use --budgets document, or --stream-scorer"):
         build([docs], tmp_path / "p.kvpack", small_lm, recipe,
-              BuildOptions(ratio=0.02, chunk_size=CHUNK, budgets="corpus"))
+              BuildOptions(ratio=0.02, chunk_size=CHUNK, budgets="corpus", stream_scorer="none"))
     with pytest.raises(OptionError, match="--context whole reads .*: use --context chained"):
         build([docs], tmp_path / "p.kvpack", small_lm, recipe,
               BuildOptions(ratio=0.02, chunk_size=CHUNK, context="whole"))
@@ -269,9 +271,30 @@ def test_lagkv_freezes_what_it_judged_and_kept(tiny_lm, tmp_path, monkeypatch, r
     assert header["options"]["scorer"]["recursive"] is recursive
 
 
+@pytest.mark.parametrize("scorer,reads", [("lagkv", False), ("task_aware", True)])
+def test_only_a_scorer_that_reads_the_task_prompt_forwards_it(tiny_lm, tmp_path, monkeypatch, scorer, reads):
+    """LagKV scores without attention: its chunks are prefilled without the task prompt behind
+    them (which, with short documents, is most of the compile's tokens)."""
+    from kvcompile import builder
+
+    forwards = []
+    monkeypatch.setattr(builder._Compiler, "prefill", lambda self, ids, cache, real=builder._Compiler.prefill: (
+        forwards.append(ids.tolist()), real(self, ids, cache))[1])
+    docs = corpus(tmp_path / "c", 2, 300)
+    for context in ("chained", "whole"):
+        forwards.clear()
+        build([docs], tmp_path / "p.kvpack", tiny_lm, load_recipe("qa"),
+              BuildOptions(ratio=0.3, chunk_size=CHUNK, context=context, scorer=scorer))
+        probe = tokenize(read_corpus([docs])[0], load_recipe("qa"), tiny_lm).probe_ids
+        with_probe = [ids for ids in forwards if ids[-len(probe):] == probe]
+        assert bool(with_probe) is reads, context
+
+
 def test_an_edit_to_a_streamed_corpus_recompiles_from_that_document_on(small_lm, tmp_path):
     docs = corpus(tmp_path / "c", 4, 700)
-    options = BuildOptions(ratio=0.02, chunk_size=CHUNK)  # fp16 storage: reused rows come back decoded
+    # fp16 storage: reused rows come back decoded. The task-aware scorer streams alone (with a
+    # stream scorer, the default, the final selection makes every segment depend on every document).
+    options = BuildOptions(ratio=0.02, chunk_size=CHUNK, stream_scorer="none")
     build([docs], tmp_path / "p.kvpack", small_lm, load_recipe("qa"), options)
     (docs / "doc03.txt").write_text((docs / "doc03.txt").read_text() + " refund", encoding="utf-8")
     report = build([docs], tmp_path / "p.kvpack", small_lm, load_recipe("qa"), options)
@@ -300,3 +323,109 @@ def test_a_transient_cache_holds_one_padded_prefix_at_a_time(tiny_lm, tiny_pack)
     held = [layer.buffer.shape[3] for layer in out[True][2].layers]
     assert held[:-1] == [5] * (len(held) - 1) and held[-1] > 5  # only the last layer still holds its prefix
     assert all(layer.buffer.shape[3] > 5 for layer in out[False][2].layers)
+
+
+# -- A first pass while streaming (--stream-scorer), the build's scorer for the final selection ----
+
+
+def test_lagkv_streams_and_the_task_prompt_makes_the_final_selection(small_lm, tmp_path, monkeypatch):
+    """The default streamed build: LagKV compresses the stream to what the window holds without
+    the task prompt; one forward of the task prompt after those survivors lets the task-aware
+    scorer keep the budget among them."""
+    from kvcompile import builder
+
+    forwards, drafts = [], []
+    real_prefill, real_documents = _Compiler.prefill, _Compiler.documents
+    monkeypatch.setattr(_Compiler, "prefill", lambda self, ids, cache: (
+        forwards.append((self.scorer.name, ids.numel(), cache.start + ids.numel(),
+                         max(layer.prefix.max_len for layer in cache.layers))), real_prefill(self, ids, cache))[1])
+    monkeypatch.setattr(_Compiler, "documents", lambda self, *args: (
+        drafts.append(out := real_documents(self, *args)), out)[1])
+    docs = corpus(tmp_path / "c", 4, 1300)
+    report = build([docs], tmp_path / "p.kvpack", small_lm, load_recipe("qa"),
+                   BuildOptions(ratio=0.02, chunk_size=CHUNK, codec="fp32"))
+    assert report.streamed
+    tk = tokenize(read_corpus([docs])[0], load_recipe("qa"), small_lm)
+    n_probe = len(tk.probe_ids)
+    firsts = [f for f in forwards if f[0] == "lagkv"]
+    finals = [f for f in forwards if f[0] == "task_aware"]
+    assert firsts and all(n <= CHUNK for _, n, _, _ in firsts)  # chunks alone: no task prompt behind them
+    assert [n for _, n, _, _ in finals] == [len(tk.prefix_ids), n_probe]  # the framing, then one final forward
+    assert max(end for _, _, end, _ in forwards) <= WINDOW
+
+    pack = kvcompile.load(tmp_path / "p.kvpack")
+    assert max(prefix for _, _, _, prefix in forwards) <= room(small_lm, pack)  # the first pass's bound holds
+    o = pack.header["options"]
+    assert o["stream_scorer"] == {"name": "lagkv", "lag": 128, "eps": 1e-6, "recursive": True}
+    assert o["scorer"]["name"] == "task_aware" and o["scorer"]["recon"] == 0.0 and o["scorer"]["pool"] == 5
+    (first,) = drafts
+    cap = small_lm.capability
+    n_prefix = len(tk.prefix_ids)
+    for li in range(cap.num_layers):
+        layer = pack.layer(li)
+        kept = layer.positions.split(pack.kept[li])
+        for h in range(cap.num_kv_heads):
+            corpus_rows = kept[h][n_prefix:]
+            parts = [(seg.split(cap.num_layers)[li], start) for seg, start in zip(first, builder.document_starts(tk))]
+            survivors = torch.cat([p.positions.split(p.lengths)[h] + start for p, start in parts])
+            assert set(corpus_rows.tolist()) <= set(survivors.tolist())  # chosen among the survivors
+            assert len(survivors) > 1.5 * len(corpus_rows)  # of which the first pass kept more (the room)
+    # Documents compete for the budget in the final selection (as when read whole): each layer
+    # keeps its share of the corpus in every head, whatever each document got.
+    assert o["selection"]["budgets"] == "corpus"
+    target = round(0.02 * tk.corpus_tokens)
+    assert all(k == n_prefix + target for kept in pack.kept for k in kept)
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "p.kvpack")])
+    assert shown.exit_code == 0 and "lagkv while streaming, then task_aware over what it kept" in shown.output
+    assert "shared by the corpus (one selection)" in shown.output
+
+    # With --budgets document, each document keeps its own budget, among its own survivors.
+    build([docs], tmp_path / "d.kvpack", small_lm, load_recipe("qa"),
+          BuildOptions(ratio=0.02, chunk_size=CHUNK, codec="fp32", stream_scorer="lagkv", budgets="document"))
+    budgets = builder.document_budgets([len(ids) for ids in tk.doc_ids], 0.02)
+    assert [s["budget"] for s in kvcompile.load(tmp_path / "d.kvpack").header["segments"]] == budgets
+
+
+def test_a_stream_scorer_is_recorded_only_where_the_build_streams(tiny_lm, tiny_corpus, small_lm, tmp_path):
+    build([tiny_corpus], tmp_path / "fits.kvpack", tiny_lm, load_recipe("qa"),
+          BuildOptions(ratio=0.3, stream_scorer="lagkv"))
+    assert "stream_scorer" not in kvcompile.load(tmp_path / "fits.kvpack").header["options"]
+    assert BuildOptions(stream_scorer="lagkv").resolved(fits=True).stream_scorer is None
+    with pytest.raises(OptionError, match="--context chained"):
+        BuildOptions(stream_scorer="lagkv", context="independent").resolved(fits=False)
+    with pytest.raises(OptionError, match="unknown scorer 'lagg'"):
+        BuildOptions(stream_scorer="lagg").validate()
+    result = CliRunner().invoke(app, ["build", str(tiny_corpus), "-o", str(tmp_path / "x.kvpack"), "--stream",
+                                      "--context", "independent", "--stream-scorer", "lagkv"])
+    assert result.exit_code == 2 and "--context chained" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x.kvpack").exists()
+
+
+def test_an_edit_under_a_stream_scorer_recompiles_every_document(small_lm, tmp_path):
+    """The final selection sees every document at once: no segment outlives an edit."""
+    docs = corpus(tmp_path / "c", 3, 700)
+    options = BuildOptions(ratio=0.02, chunk_size=CHUNK, codec="fp32", stream_scorer="lagkv")
+    build([docs], tmp_path / "p.kvpack", small_lm, load_recipe("qa"), options)
+    again = build([docs], tmp_path / "p.kvpack", small_lm, load_recipe("qa"), options)
+    assert sorted(again.plan.reuse) == [0, 1, 2]
+    (docs / "doc02.txt").write_text((docs / "doc02.txt").read_text() + " refund", encoding="utf-8")
+    edited = build([docs], tmp_path / "p.kvpack", small_lm, load_recipe("qa"), options)
+    assert not edited.plan.reuse
+
+
+def test_the_first_pass_keeps_at_most_four_times_the_budget(small_lm, tmp_path, monkeypatch):
+    """Where the window's room is larger, the first pass still keeps only FIRST_PASS_SHARE times
+    the budget: memory and time follow the budget, not the window."""
+    from kvcompile import builder
+
+    budgets = []
+    real = _Compiler.documents
+    monkeypatch.setattr(_Compiler, "documents", lambda self, tk, framing, ctx, b, *rest: (
+        budgets.append(list(b)), real(self, tk, framing, ctx, b, *rest))[1])
+    docs = corpus(tmp_path / "c", 4, 150)
+    build([docs], tmp_path / "p.kvpack", small_lm, load_recipe("qa"),
+          BuildOptions(ratio=0.05, chunk_size=CHUNK, codec="fp32", stream=True))
+    tk = tokenize(read_corpus([docs])[0], load_recipe("qa"), small_lm)
+    lengths = [len(ids) for ids in tk.doc_ids]
+    assert 4 * 0.05 * sum(lengths) < builder.stream_room(tk, BuildOptions(chunk_size=CHUNK), WINDOW)
+    assert budgets == [builder.document_budgets(lengths, builder.FIRST_PASS_SHARE * 0.05)]

@@ -135,7 +135,12 @@ def test_cli_builds_and_answers_from_a_whole_pack(tiny_model_dir, tiny_corpus, t
 def test_auto_reads_whole_what_fits_and_chains_what_does_not():
     fits, too_long = BuildOptions().resolved(True), BuildOptions().resolved(False)
     assert (fits.context, fits.budgets, fits.stream) == ("whole", "corpus", False)
-    assert (too_long.context, too_long.budgets, too_long.stream) == ("chained", "document", True)
+    assert (too_long.context, too_long.budgets, too_long.stream, too_long.stream_scorer) == (
+        "chained", "corpus", True, "lagkv")  # LagKV streams, then one selection: documents compete
+    alone = BuildOptions(stream_scorer="none").resolved(False)
+    assert (alone.budgets, alone.stream_scorer) == ("document", None)
+    assert BuildOptions(scorer="lagkv").resolved(False).stream_scorer is None  # no task prompt to select with
+    assert fits.stream_scorer is None
     mine = BuildOptions(context="independent", budgets="corpus", stream=False).resolved(True)
     assert (mine.context, mine.budgets, mine.stream) == ("independent", "corpus", False)
     assert BuildOptions(context="whole", budgets="document").resolved(True).budgets == "document"
