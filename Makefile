@@ -73,6 +73,7 @@ bench: install-bench
 	$(PY) bench/compose.py --out docs/benchmarks/compose
 	$(PY) bench/streaming.py memory --sizes 8000,30000,60000 --ratio 0.1
 	$(PY) bench/streaming.py quality --articles 0,1,2,3 --ratios 0.25,0.1
+	for c in squad:2 squad:8 squad:14; do $(PY) bench/streaming.py passes --corpus $$c --window 2048 || exit 1; done
 	$(MAKE) bench-select
 	$(MAKE) bench-sparse
 	$(MAKE) bench-boundary
@@ -97,10 +98,12 @@ bench-compose: install-bench
 
 # Streaming compilation (issue 14): memory and build time at 8k, 30k and 60k tokens with the default model
 # (8k window), each size in its own process; then streamed against whole on a 20k-token union of SQuAD
-# articles with Qwen2.5-Coder-0.5B (hours on 2 cores; docs/benchmarks/streaming/).
+# articles with Qwen2.5-Coder-0.5B (hours on 2 cores; docs/benchmarks/streaming/); and the streamed
+# default's first pass against the task prompt on every chunk, on three articles through a 2k window.
 bench-streaming: install-bench
 	$(PY) bench/streaming.py memory --sizes 8000,30000,60000 --ratio 0.1
 	$(PY) bench/streaming.py quality --articles 0,1,2,3 --ratios 0.25,0.1
+	for c in squad:2 squad:8 squad:14; do $(PY) bench/streaming.py passes --corpus $$c --window 2048 || exit 1; done
 
 # Segments chosen per question against RAG (issue 15): an independent pack at ratio 1.0 per corpus,
 # then eval with --select 0.25 beside full, rag and none (Qwen2.5-Coder-0.5B, 30 questions).
