@@ -63,7 +63,9 @@ class BuildOptions:
     # What each document is compiled after: "independent", "chained" or "whole"; "auto": whole
     # when the corpus fits the window, else chained (streamed). Decided by :meth:`resolved`.
     context: str = AUTO
-    budgets: str = AUTO  # how documents share the budget: "document", "corpus" (budgets.py); "auto": corpus if whole
+    # How documents share the budget: "document", "corpus" (budgets.py); "auto": corpus where one
+    # selection covers the corpus (whole, or after a stream scorer).
+    budgets: str = AUTO
     doc_floor: float = 0.1  # with corpus budgets: the share of its even budget a document keeps at least
     stream: bool | None = None  # compile at compacted positions (corpora beyond the window); None: if it does not fit
     # A streamed build's first pass: this scorer compresses the stream (keeping what the window
@@ -616,8 +618,8 @@ class _Compiler:
         head's rows at ``0, 1, ...`` in order, as a pack is loaded with ``--positions compact``."""
         # Joined as stored (fp16 by default; reused segments come so too), then widened once: a
         # streamed compile's context is the window's room, and a copy of it per part would double it.
-        stored = parts[0].keys.dtype
-        kv = RaggedKV.cat([p.to(self.device, stored) for p in parts])
+        dtype = parts[0].keys.dtype
+        kv = RaggedKV.cat([p.to(self.device, dtype) for p in parts])
         return self.attendable(kv.replace(positions=within_heads(kv.lengths, self.device)), 0)
 
     @torch.no_grad()

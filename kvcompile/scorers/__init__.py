@@ -75,7 +75,8 @@ class Scorer(ABC):
     # measured better a document at a time.
     apart: dict = {}
     # Parameter values at which a term is off: left out of segment keys there, so that packs
-    # written before the term existed stay reusable.
+    # written before the term existed stay reusable; and the defaults of a stream scorer's
+    # final selection, which sees the whole stream but cannot repeat the corpus.
     off: dict = {}
 
     @property
