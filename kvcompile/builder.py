@@ -761,8 +761,8 @@ class _Compiler:
             self.seconds[part] += seconds
         starts = document_starts(tk)
         drafted = RaggedKV.cat([seg.shifted(start) for seg, start in zip(drafts, starts)])  # at corpus positions
-        whole = budgets if o.budgets == "document" else None
-        if keeps_everything(tk, ratio, whole):
+        per_document = budgets if o.budgets == "document" else None
+        if keeps_everything(tk, ratio, per_document):
             return [self.stored(seg) for seg in drafts]
         # Copies of a room-sized context are the peak memory: each goes as soon as it is used,
         # and the survivors are scored a layer at a time.
@@ -770,16 +770,15 @@ class _Compiler:
         del drafts
         layers = placed.split(self.layers)
         probe_keys = queries = None
-        t0 = time.perf_counter()
         if self.scorer.reads_task_prompt:
             n_probe = self.probe.numel()
             cache = PackCache(layers, start=max(placed.lengths), capture_queries=n_probe, capacity=n_probe,
                               transient=True)
             self.prefill(self.probe, cache)
-            t0 = time.perf_counter()
             probe_keys = torch.stack([layer.new_keys[0] for layer in cache.layers]).flatten(0, 1)
             queries = torch.cat([layer.queries[0] for layer in cache.layers])
             del cache
+        t0 = time.perf_counter()
         h, q = self.kv_heads, (0 if queries is None else queries.shape[0] // self.layers)
         scores = torch.cat([
             self.score(layer.where(within_heads(layer.lengths, self.device) >= n_prefix),
@@ -787,7 +786,7 @@ class _Compiler:
                        None if queries is None else queries[li * q : (li + 1) * q])
             for li, layer in enumerate(layers)])
         del placed, layers
-        keep = self.select_corpus(tk, drafted, scores, ratio, whole)
+        keep = self.select_corpus(tk, drafted, scores, ratio, per_document)
         self.seconds["score"] += time.perf_counter() - t0
         return self.cut(tk, self.stored(drafted.where(keep)))
 
